@@ -1,0 +1,5 @@
+"""``python -m gateway`` runs the ``distillgate`` command."""
+
+from gateway.cli import main
+
+main()

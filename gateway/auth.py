@@ -1,0 +1,152 @@
+"""Gateway API keys: generated once, stored as SHA-256, checked against an in-memory key ring.
+
+Keys are 256-bit random tokens, so a fast hash is enough (no password stretching needed) and
+lets every request be checked without a database round trip; the ring refreshes in the
+background and looks a key up once on a miss (negative answers are remembered briefly).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import secrets
+import time
+from dataclasses import dataclass
+
+from sqlmodel import select
+
+from gateway.errors import AuthenticationFailed, PermissionDenied
+from gateway.store.db import Database
+from gateway.store.models import ApiKey, utcnow
+
+KEY_PREFIX = "dg-"
+
+
+def generate_key() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who is calling: a key id (None for the admin credential or no-auth mode) and whether admin."""
+
+    key_id: int | None
+    admin: bool
+
+
+ANONYMOUS = Caller(key_id=None, admin=False)
+ADMIN = Caller(key_id=None, admin=True)
+
+
+def create_key(db: Database, name: str, *, admin: bool = False) -> tuple[ApiKey, str]:
+    """Store a new key and return it with its secret, which is never retrievable again."""
+    secret = generate_key()
+    row = ApiKey(name=name, prefix=secret[:10], key_hash=hash_key(secret), admin=admin)
+    with db.session() as session:
+        session.add(row)
+        session.commit()
+        session.refresh(row)
+    return row, secret
+
+
+def revoke_key(db: Database, key_id: int) -> bool:
+    with db.session() as session:
+        row = session.get(ApiKey, key_id)
+        if row is None or row.revoked_at is not None:
+            return False
+        row.revoked_at = utcnow()
+        session.add(row)
+        session.commit()
+        return True
+
+
+def list_keys(db: Database) -> list[ApiKey]:
+    with db.session() as session:
+        return list(session.exec(select(ApiKey).order_by(ApiKey.id)))  # type: ignore[arg-type]
+
+
+class KeyRing:
+    """The set of valid key hashes, kept in memory."""
+
+    def __init__(self, db: Database, *, admin_key: str | None = None, refresh_s: float = 5.0) -> None:
+        self.db = db
+        self._admin_hash = hash_key(admin_key) if admin_key else None
+        self._keys: dict[str, Caller] = {}
+        self._misses: dict[str, float] = {}
+        self.refresh_s = refresh_s
+        self._task: asyncio.Task[None] | None = None
+
+    def load(self) -> None:
+        with self.db.session() as session:
+            rows = session.exec(select(ApiKey).where(ApiKey.revoked_at == None)).all()  # noqa: E711
+        self._keys = {row.key_hash: Caller(row.id, row.admin) for row in rows}
+        self._misses.clear()
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self._load_quietly)
+        self._task = asyncio.create_task(self._refresh_forever(), name="distillgate-keyring")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.refresh_s)
+            await asyncio.to_thread(self._load_quietly)
+
+    def _load_quietly(self) -> None:
+        # A database outage keeps the last known keys working (the gateway keeps serving).
+        try:
+            self.load()
+        except Exception:
+            return
+
+    async def authenticate(self, authorization: str | None) -> Caller:
+        """Check an ``Authorization: Bearer <key>`` header. The key never appears in errors."""
+        if not authorization:
+            raise AuthenticationFailed(
+                "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.",
+                code="missing_api_key",
+            )
+        scheme, _, token = authorization.partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise AuthenticationFailed("The Authorization header must be 'Bearer <key>'.")
+        digest = hash_key(token)
+        if self._admin_hash is not None and hmac.compare_digest(digest, self._admin_hash):
+            return ADMIN
+        caller = self._keys.get(digest)
+        if caller is not None:
+            return caller
+        if self._misses.get(digest, 0.0) > time.monotonic():
+            raise AuthenticationFailed("Incorrect API key provided.")
+        caller = await asyncio.to_thread(self._lookup, digest)
+        if caller is None:
+            if len(self._misses) > 10_000:
+                self._misses.clear()
+            self._misses[digest] = time.monotonic() + self.refresh_s
+            raise AuthenticationFailed("Incorrect API key provided.")
+        self._keys[digest] = caller
+        return caller
+
+    def _lookup(self, digest: str) -> Caller | None:
+        try:
+            with self.db.session() as session:
+                row = session.exec(select(ApiKey).where(ApiKey.key_hash == digest)).first()
+        except Exception:
+            return None
+        if row is None or row.revoked_at is not None:
+            return None
+        return Caller(row.id, row.admin)
+
+
+def require_admin(caller: Caller) -> None:
+    if not caller.admin:
+        raise PermissionDenied("This endpoint needs the admin credential.")

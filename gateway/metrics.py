@@ -1,0 +1,162 @@
+"""Prometheus metrics (names from DESIGN.md, all prefixed ``distillgate_``).
+
+Each app owns its registry (tests build several apps in one process). With several server
+workers, ``PROMETHEUS_MULTIPROC_DIR`` is set before start and ``/metrics`` aggregates the
+per-process files, so counters and histograms stay correct across workers.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# LLM answers take from milliseconds (cache, tiny student) to minutes (long teacher generations).
+LATENCY_BUCKETS = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    20.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+)
+OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
+SCORE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.99, 1.0)
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+class Metrics:
+    """Every metric the gateway exports."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        r = self.registry
+        p = "distillgate_"
+        self.requests = Counter(
+            p + "requests",
+            "Requests answered, by task, target and HTTP status.",
+            ["task", "target", "status"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            p + "request_duration_seconds",
+            "Time from request to last byte.",
+            ["task", "target"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            p + "time_to_first_token_seconds",
+            "Time from request to the first streamed byte.",
+            ["task", "target"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.overhead = Histogram(
+            p + "gateway_overhead_seconds",
+            "Time the gateway itself adds (request handling minus upstream wait).",
+            buckets=OVERHEAD_BUCKETS,
+            registry=r,
+        )
+        self.tokens = Counter(
+            p + "tokens",
+            "Tokens by task, target and kind (prompt, completion, cached).",
+            ["task", "target", "kind"],
+            registry=r,
+        )
+        self.cost = Counter(p + "cost_usd", "USD spent, by task and target.", ["task", "target"], registry=r)
+        self.savings = Counter(
+            p + "savings_usd", "Teacher-equivalent USD minus USD spent.", ["task"], registry=r
+        )
+        self.cache_requests = Counter(
+            p + "cache_requests",
+            "Cache look-ups by result (hit, miss, bypass).",
+            ["task", "result"],
+            registry=r,
+        )
+        self.shadow_score = Histogram(
+            p + "shadow_score",
+            "Scores of shadow and audit pairs.",
+            ["task", "adapter", "scorer"],
+            buckets=SCORE_BUCKETS,
+            registry=r,
+        )
+        self.task_stage = Gauge(
+            p + "task_stage",
+            "1 for the stage each task is in, 0 for the others.",
+            ["task", "stage"],
+            registry=r,
+            multiprocess_mode="mostrecent",
+        )
+        self.student_ratio = Gauge(
+            p + "student_traffic_ratio",
+            "Share of a task's traffic routed to the student.",
+            ["task"],
+            registry=r,
+            multiprocess_mode="mostrecent",
+        )
+        self.promotions = Counter(p + "promotions", "Stage promotions.", ["task"], registry=r)
+        self.rollbacks = Counter(p + "rollbacks", "Rollbacks to the teacher.", ["task"], registry=r)
+        self.recorder_queue = Gauge(
+            p + "recorder_queue_depth",
+            "Records waiting to be written.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.recorder_spooled = Counter(
+            p + "recorder_spooled", "Records written to the spool file.", registry=r
+        )
+        self.recorder_dropped = Counter(
+            p + "recorder_dropped", "Records lost (spool unwritable).", registry=r
+        )
+        self.training_runs = Counter(
+            p + "training_runs", "Training runs by outcome.", ["task", "status"], registry=r
+        )
+        self.upstream_errors = Counter(
+            p + "upstream_errors", "Failed upstream calls by target and kind.", ["target", "kind"], registry=r
+        )
+        self.shadow_dropped = Counter(
+            p + "shadow_dropped", "Shadow calls dropped under pressure.", ["task"], registry=r
+        )
+        self.shed = Counter(
+            p + "shed_requests", "Requests refused because the gateway was at capacity.", registry=r
+        )
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, remembered: the lookup is measurable on the hot path."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            if len(self._children) > 100_000:
+                self._children.clear()
+            found = self._children[key] = metric.labels(*labels)
+        return found
+
+    def render(self) -> bytes:
+        if multiprocess_dir():
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)
+            return generate_latest(registry)
+        return generate_latest(self.registry)
+
+    def set_stage(self, task: str, stage: str, stages: tuple[str, ...]) -> None:
+        for name in stages:
+            self.task_stage.labels(task, name).set(1.0 if name == stage else 0.0)

@@ -1,0 +1,139 @@
+"""Process settings: one typed class filled from a YAML file and ``DISTILLGATE_*`` environment variables.
+
+Routing behaviour (teacher, student, prices, per-task rules) lives in the policy file instead
+(``router/policy.py``), because that file is hot-reloaded and these settings are not.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, Field, SecretStr
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+
+class AuthSettings(BaseModel):
+    """How callers prove who they are."""
+
+    required: bool = True
+    """Require a gateway API key on ``/v1`` routes. ``false`` is for local use only."""
+    admin_key: SecretStr | None = None
+    """The admin credential (``Authorization: Bearer <admin_key>``) for ``/admin`` routes.
+    Set it through ``DISTILLGATE_AUTH__ADMIN_KEY``; keys created with ``keys create --admin`` work too."""
+
+
+class RecorderSettings(BaseModel):
+    """The batched writer that stores one record per request off the request path."""
+
+    queue_size: int = 50_000
+    """Records waiting in memory; past this they go straight to the spool file (never dropped silently)."""
+    batch_size: int = 500
+    """Most records written in one transaction."""
+    flush_interval_s: float = 0.2
+    """Longest a record waits in memory before its batch is written."""
+    spool_dir: Path = Path("./spool")
+    """Where records go (JSONL) while the database is unreachable; replayed when it is back."""
+    retry_interval_s: float = 2.0
+    """How often a down database is probed before the spool is replayed."""
+
+
+class UpstreamSettings(BaseModel):
+    """Timeouts and retries for calls to the teacher and the student."""
+
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 600.0
+    """Longest silence between two bytes of an upstream answer."""
+    max_retries: int = 2
+    """Retries on timeouts, connection failures and 5xx, only before any byte reached the client."""
+    backoff_s: float = 0.2
+    """First retry delay; doubles each retry, with jitter."""
+    max_connections: int = 1000
+    """Connection pool size per upstream."""
+
+
+class Settings(BaseSettings):
+    """Everything a gateway process needs to start. Field docs are the config reference."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="DISTILLGATE_", env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 1
+    """Server worker processes. Metrics stay correct across them (multiprocess mode)."""
+    database_url: str = "sqlite:///./distillgate.db"
+    """SQLAlchemy URL: ``sqlite:///path.db`` or ``postgresql+psycopg://user@host/db``."""
+    policy_file: Path | None = None
+    """The routing policy YAML (teacher, student, prices, tasks); watched and hot-reloaded."""
+    adapters_dir: Path = Path("./adapters")
+    """Where trained adapters are written; must be visible to the student server at the same path."""
+    max_body_bytes: int = 16 * 1024 * 1024
+    """Largest request body accepted; larger ones get 413."""
+    max_in_flight: int = 2048
+    """Requests served at once before new ones are shed with 503 (load shedding)."""
+    shed_loop_lag_s: float = 0.5
+    """Event-loop lag above which new API requests are shed with 503 (the gateway is saturated)."""
+    shutdown_grace_s: float = 25.0
+    """On SIGTERM: stop accepting, give in-flight requests and streams this long, then flush the recorder."""
+    log_level: str = "INFO"
+    run_scheduler: bool = True
+    """Run the training scheduler inside the gateway process (one machine). Off when a
+    separate ``distillgate worker`` does it."""
+    scheduler_interval_s: float = 10.0
+    """How often the scheduler looks for tasks due to train."""
+    worker_port: int = 9100
+    """``distillgate worker`` serves ``/metrics`` and ``/healthz`` here."""
+    migrate_on_start: bool = True
+    """Apply database migrations when the gateway starts."""
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    recorder: RecorderSettings = Field(default_factory=RecorderSettings)
+    upstream: UpstreamSettings = Field(default_factory=UpstreamSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Explicit arguments (the YAML file's content) win over the environment,
+        # so ``load_settings`` can put the environment on top itself.
+        return (init_settings, env_settings, file_secret_settings)
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
+    """Read ``config_file`` (YAML), then let ``DISTILLGATE_*`` variables and ``overrides`` win."""
+    data: dict[str, Any] = {}
+    if config_file is not None:
+        text = Path(config_file).read_text()
+        loaded = yaml.safe_load(text) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{config_file}: the settings file must be a YAML mapping")
+        data = loaded
+        if data.get("policy_file") is not None:
+            policy = Path(data["policy_file"])
+            if not policy.is_absolute():
+                data["policy_file"] = Path(config_file).parent / policy
+    from_env = Settings()  # only the environment; exclude_unset keeps just what it set
+    merged = _deep_merge(data, from_env.model_dump(exclude_unset=True))
+    merged = _deep_merge(merged, overrides)
+    return Settings(**merged)
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out

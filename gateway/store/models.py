@@ -1,0 +1,228 @@
+"""Table models. One row per request (``Record``) is the source every later stage reads.
+
+Words as in DESIGN.md: a *task* is one prompt family; its *stage* is where it is in
+collecting → training → shadow → canary → serving; an *adapter* is a trained student
+version named ``task@vN``; a *shadow pair* is a teacher answer beside a student answer.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import JSON, Column, DateTime, LargeBinary, Text, TypeDecorator
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlmodel import Field, SQLModel
+
+# JSONB on PostgreSQL (indexable, compact), plain JSON text elsewhere.
+JSONType = JSON().with_variant(JSONB(), "postgresql")
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend (SQLite hands back naive ones)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        return value
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        return value
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_id() -> str:
+    """A sortable unique id: 12 hex digits of milliseconds, then 20 random hex digits."""
+    ms = int(datetime.now(UTC).timestamp() * 1000)
+    return f"{ms:012x}{uuid.uuid4().hex[:20]}"
+
+
+class Stage(StrEnum):
+    collecting = "collecting"
+    training = "training"
+    shadow = "shadow"
+    canary = "canary"
+    serving = "serving"
+    rolled_back = "rolled_back"
+    paused = "paused"
+
+
+class Record(SQLModel, table=True):
+    """One request/response exchange, as the client saw it."""
+
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=40)
+    created_at: datetime = Field(default_factory=utcnow, index=True, sa_type=UTCDateTime)
+    api_key_id: int | None = Field(default=None, index=True)
+    task: str = Field(index=True, max_length=200)
+    endpoint: str = Field(default="chat.completions", max_length=40)
+    model: str = Field(default="", max_length=200)
+    """The model the client asked for."""
+    target: str = Field(default="teacher", max_length=240)
+    """``teacher`` | ``student:<adapter>`` | ``cache``."""
+    stream: bool = False
+    stored: bool = True
+    """False when the client opted out (``store: false``): content is not kept."""
+    request: dict[str, Any] | None = Field(default=None, sa_column=Column(JSONType))
+    response: dict[str, Any] | None = Field(default=None, sa_column=Column(JSONType))
+    status: int = 200
+    error: str | None = Field(default=None, sa_column=Column(Text))
+    finish_reason: str | None = Field(default=None, max_length=40)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    latency_ms: float = 0.0
+    ttft_ms: float | None = None
+    cost_usd: float = 0.0
+    teacher_cost_usd: float = 0.0
+    """What the teacher would have cost for this exchange (equals cost_usd when the teacher served)."""
+    cache_hit: bool = False
+    feedback: dict[str, Any] | None = Field(default=None, sa_column=Column(JSONType))
+    shadow: dict[str, Any] | None = Field(default=None, sa_column=Column(JSONType))
+    """Student answer and scores where this exchange was mirrored (also in ``ShadowPair``)."""
+
+
+class ApiKey(SQLModel, table=True):
+    """A gateway API key. Only the SHA-256 of the key is stored; the key is shown once."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(index=True, max_length=200)
+    prefix: str = Field(max_length=16)
+    """The first characters of the key, to tell keys apart in listings."""
+    key_hash: str = Field(unique=True, index=True, max_length=64)
+    admin: bool = False
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    revoked_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+
+
+class Task(SQLModel, table=True):
+    """The state of one task in the distillation loop."""
+
+    key: str = Field(primary_key=True, max_length=200)
+    stage: str = Field(default=Stage.collecting.value, max_length=20)
+    adapter: str | None = Field(default=None, max_length=240)
+    """The candidate (shadow/canary) or serving adapter."""
+    student_ratio: float = 0.0
+    """Share of the task's traffic the student serves now."""
+    canary_step: int = 0
+    reason: str | None = Field(default=None, sa_column=Column(Text))
+    paused: bool = False
+    paused_from: str | None = Field(default=None, max_length=20)
+    """The stage a paused task returns to when it is resumed."""
+    records_at_last_train: int = 0
+    last_trained_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    first_seen_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    features: dict[str, Any] | None = Field(default=None, sa_column=Column(JSONType))
+    """What the student was trained on (models, tools, max prompt tokens): the route decision
+    keeps requests outside this envelope on the teacher."""
+
+
+class TaskTransition(SQLModel, table=True):
+    """A stage change with its reason and the numbers behind it."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    task: str = Field(index=True, max_length=200)
+    from_stage: str = Field(max_length=20)
+    to_stage: str = Field(max_length=20)
+    adapter: str | None = Field(default=None, max_length=240)
+    reason: str = Field(default="", sa_column=Column(Text))
+    evidence: dict[str, Any] | None = Field(default=None, sa_column=Column(JSONType))
+    forced: bool = False
+    created_at: datetime = Field(default_factory=utcnow, index=True, sa_type=UTCDateTime)
+
+
+class DatasetSnapshot(SQLModel, table=True):
+    """A versioned, reproducible training set for one task."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    task: str = Field(index=True, max_length=200)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    train_ids: list[str] = Field(default_factory=list, sa_column=Column(JSONType))
+    holdout_ids: list[str] = Field(default_factory=list, sa_column=Column(JSONType))
+    counts: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSONType))
+    """How many records each filter kept or dropped."""
+    content_hash: str = Field(max_length=64)
+
+
+class TrainingRun(SQLModel, table=True):
+    """One fine-tuning attempt, successful or not."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    task: str = Field(index=True, max_length=200)
+    dataset_id: int | None = None
+    adapter: str | None = Field(default=None, max_length=240)
+    status: str = Field(default="running", max_length=20)
+    """running | succeeded | failed | rejected."""
+    started_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    finished_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    metrics: dict[str, Any] | None = Field(default=None, sa_column=Column(JSONType))
+    error: str | None = Field(default=None, sa_column=Column(Text))
+
+
+class Adapter(SQLModel, table=True):
+    """A trained student version ``task@vN`` and everything needed to reproduce it."""
+
+    name: str = Field(primary_key=True, max_length=240)
+    task: str = Field(index=True, max_length=200)
+    version: int
+    path: str = Field(sa_column=Column(Text))
+    base_model: str = Field(sa_column=Column(Text))
+    method: str = Field(default="lora", max_length=20)
+    """lora | full."""
+    dataset_id: int | None = None
+    hyperparams: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSONType))
+    metrics: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSONType))
+    """Losses, timings, tokens/s and offline evaluation scores."""
+    status: str = Field(default="trained", max_length=20)
+    """trained | published | retired | failed."""
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+class ShadowPair(SQLModel, table=True):
+    """A teacher answer beside the student's answer to the same request, scored."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    record_id: str = Field(index=True, max_length=40)
+    task: str = Field(index=True, max_length=200)
+    adapter: str = Field(index=True, max_length=240)
+    kind: str = Field(default="shadow", max_length=20)
+    """shadow (candidate mirrored) | canary (evidence at a canary step) | audit (serving task checked)."""
+    stage: str = Field(default="shadow", max_length=20)
+    scorer: str = Field(default="exact", max_length=40)
+    score: float = 0.0
+    passed: bool = False
+    student_response: dict[str, Any] | None = Field(default=None, sa_column=Column(JSONType))
+    student_latency_ms: float | None = None
+    error: str | None = Field(default=None, sa_column=Column(Text))
+    created_at: datetime = Field(default_factory=utcnow, index=True, sa_type=UTCDateTime)
+
+
+class CacheEntry(SQLModel, table=True):
+    """The shared tier of the prompt cache (every replica reads and writes it)."""
+
+    key: str = Field(primary_key=True, max_length=64)
+    task: str = Field(index=True, max_length=200)
+    body: bytes = Field(sa_column=Column(LargeBinary))
+    """The complete (non-streamed form of the) response JSON."""
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    expires_at: datetime = Field(index=True, sa_type=UTCDateTime)
+    hits: int = 0
+
+
+class TrainingLock(SQLModel, table=True):
+    """One trainer per task across all replicas; a lock whose holder stops renewing expires."""
+
+    task: str = Field(primary_key=True, max_length=200)
+    owner: str = Field(max_length=200)
+    acquired_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    expires_at: datetime = Field(sa_type=UTCDateTime)

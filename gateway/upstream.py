@@ -1,0 +1,159 @@
+"""The hot-path HTTP client to the teacher and the student.
+
+aiohttp, chosen by measurement (DESIGN.md): httpx's async pool collapsed at 64 connections on
+this machine while aiohttp held up. Bodies go out as the bytes we were given; answers come
+back as bytes (whole, or chunk by chunk for streams) and are never re-encoded here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import orjson
+
+from gateway.errors import UpstreamError, UpstreamTimeout
+from gateway.settings import UpstreamSettings
+
+RETRYABLE_STATUS = frozenset({500, 502, 503, 504, 529})
+
+
+@dataclass(slots=True)
+class UpstreamAnswer:
+    """An upstream's answer whose status and headers have arrived; the body may still be streaming."""
+
+    status: int
+    content_type: str
+    response: aiohttp.ClientResponse
+    attempts: int
+    body: bytes | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+    async def read(self) -> bytes:
+        if self.body is None:
+            try:
+                self.body = await self.response.read()
+            finally:
+                self.response.release()
+        return self.body
+
+    async def iter_chunks(self) -> AsyncIterator[bytes]:
+        """Yield bytes as they arrive (no re-framing); closes the connection when done or abandoned."""
+        try:
+            async for chunk in self.response.content.iter_any():
+                yield chunk
+        finally:
+            self.response.release()
+
+    def close(self) -> None:
+        self.response.close()
+
+
+class Upstream:
+    """One OpenAI-compatible server (teacher or student): a pooled session and its credentials."""
+
+    def __init__(
+        self,
+        name: str,
+        base_url: str,
+        settings: UpstreamSettings,
+        *,
+        api_key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        timeout_s: float | None = None,
+    ) -> None:
+        self.name = name
+        self.base_url = base_url.rstrip("/")
+        self.settings = settings
+        self._headers = {"Content-Type": "application/json", **(headers or {})}
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
+        self._timeout = aiohttp.ClientTimeout(
+            total=None,
+            connect=settings.connect_timeout_s,
+            sock_read=min(timeout_s or settings.read_timeout_s, settings.read_timeout_s),
+        )
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(
+                limit=self.settings.max_connections, limit_per_host=0, ttl_dns_cache=300, keepalive_timeout=30
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                timeout=self._timeout,
+                auto_decompress=True,
+                skip_auto_headers=("User-Agent",),
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None and not self._session.closed:
+            await self._session.close()
+
+    async def send(self, path: str, body: bytes, *, retries: int | None = None) -> UpstreamAnswer:
+        """POST ``body`` to ``path`` and return once status and headers are in.
+
+        Timeouts, connection failures and retryable statuses are retried with exponential
+        backoff and jitter: this is before any byte reached our client, so it is safe.
+        Other statuses (4xx) are returned for the caller to pass through.
+        """
+        url = self.base_url + path
+        max_retries = self.settings.max_retries if retries is None else retries
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                resp = await self.session.post(url, data=body, headers=self._headers)
+            except TimeoutError as exc:
+                error: UpstreamError = UpstreamTimeout(f"The {self.name} did not answer in time.")
+                cause: BaseException = exc
+            except aiohttp.ClientError as exc:
+                error = UpstreamError(f"The {self.name} could not be reached ({type(exc).__name__}).")
+                cause = exc
+            else:
+                if resp.status in RETRYABLE_STATUS and attempt <= max_retries:
+                    resp.release()
+                    await asyncio.sleep(self._backoff(attempt))
+                    continue
+                return UpstreamAnswer(
+                    status=resp.status,
+                    content_type=resp.headers.get("Content-Type", "application/json"),
+                    response=resp,
+                    attempts=attempt,
+                    headers=resp.headers,
+                )
+            if attempt > max_retries:
+                raise error from cause
+            await asyncio.sleep(self._backoff(attempt))
+
+    async def get(self, path: str) -> tuple[int, bytes]:
+        async with self.session.get(self.base_url + path, headers=self._headers) as resp:
+            return resp.status, await resp.read()
+
+    def _backoff(self, attempt: int) -> float:
+        return self.settings.backoff_s * (2 ** (attempt - 1)) * (0.5 + random.random())
+
+
+async def answer_json(upstream: Upstream, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    """POST a JSON body and return the parsed 200 answer; raise ``UpstreamError`` on anything else.
+
+    For background calls (shadow pairs, audits, judges), never for the client's own request.
+    """
+    answer = await upstream.send(path, orjson.dumps(body), retries=0)
+    data = await answer.read()
+    if answer.status != 200:
+        raise UpstreamError(f"The {upstream.name} answered HTTP {answer.status}.", status=502)
+    try:
+        parsed = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        raise UpstreamError(f"The {upstream.name} answered with invalid JSON.") from None
+    if not isinstance(parsed, dict) or not parsed.get("choices"):
+        raise UpstreamError(f"The {upstream.name} answered without choices.")
+    return parsed

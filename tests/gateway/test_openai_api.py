@@ -1,0 +1,274 @@
+"""The gateway through the real openai SDK: clients see exactly what the teacher sent, and it is recorded."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import orjson
+import pytest
+from sqlmodel import select
+
+from gateway.store.models import Record
+from tests.conftest import RunningGateway
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "lookup_order",
+            "description": "Find an order",
+            "parameters": {"type": "object", "properties": {"query": {"type": "string"}}},
+        },
+    }
+]
+
+
+def records(gw: RunningGateway) -> list[Record]:
+    gw.flush()
+    with gw.db().session() as session:
+        return list(session.exec(select(Record).order_by(Record.created_at)))
+
+
+def teacher_direct(teacher_url: str, body: dict) -> dict:
+    from tests.conftest import TEACHER_KEY
+
+    r = httpx.post(
+        teacher_url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {TEACHER_KEY}"}
+    )
+    return r.json()
+
+
+def test_sync_chat_matches_teacher_and_is_recorded(gateway: RunningGateway, teacher) -> None:
+    _, teacher_server = teacher
+    client = openai.OpenAI(base_url=gateway.v1, api_key=gateway.key)
+    body = {
+        "model": "teacher-large",
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "héllo wörld ✓"},
+        ],
+        "temperature": 0,
+        "metadata": {"task": "greet"},
+    }
+    raw = client.chat.completions.with_raw_response.create(**body)
+    completion = raw.parse()
+    direct = teacher_direct(teacher_server.url, body)
+    assert completion.choices[0].message.content == direct["choices"][0]["message"]["content"]
+    assert completion.choices[0].finish_reason == direct["choices"][0]["finish_reason"]
+    assert completion.usage.model_dump(exclude_none=True) == {k: v for k, v in direct["usage"].items()} | {
+        "prompt_tokens_details": {"cached_tokens": 0}
+    }
+    assert raw.headers["x-distillgate-target"] == "teacher"
+    assert raw.headers["x-distillgate-task"] == "greet"
+    rows = records(gateway)
+    assert len(rows) == 1
+    row = rows[0]
+    assert row.id == raw.headers["x-distillgate-request-id"]
+    assert row.task == "greet" and row.target == "teacher" and row.status == 200
+    assert row.request == body
+    assert row.response["choices"][0]["message"]["content"] == direct["choices"][0]["message"]["content"]
+    assert row.finish_reason == "stop"
+    assert (row.prompt_tokens, row.completion_tokens) == (
+        direct["usage"]["prompt_tokens"],
+        direct["usage"]["completion_tokens"],
+    )
+    assert row.cost_usd > 0 and row.teacher_cost_usd == row.cost_usd
+    assert row.api_key_id is not None
+
+
+def test_non_streamed_body_is_byte_identical(gateway: RunningGateway, teacher) -> None:
+    _, teacher_server = teacher
+    body = {"model": "teacher-large", "messages": [{"role": "user", "content": "bytes please"}], "seed": 7}
+    via_gateway = httpx.post(
+        gateway.v1 + "/chat/completions", json=body, headers={"Authorization": f"Bearer {gateway.key}"}
+    )
+    from tests.conftest import TEACHER_KEY
+
+    direct = httpx.post(
+        teacher_server.url + "/v1/chat/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {TEACHER_KEY}"},
+    )
+    a, b = orjson.loads(via_gateway.content), orjson.loads(direct.content)
+    a.pop("created"), b.pop("created")
+    assert a == b
+    assert via_gateway.content.replace(
+        str(orjson.loads(via_gateway.content)["created"]).encode(), b""
+    ) == direct.content.replace(str(orjson.loads(direct.content)["created"]).encode(), b"")
+
+
+async def test_async_streaming_assembles_same_content_and_usage(gateway: RunningGateway, teacher) -> None:
+    _, teacher_server = teacher
+    client = openai.AsyncOpenAI(base_url=gateway.v1, api_key=gateway.key)
+    body = {
+        "model": "teacher-large",
+        "messages": [{"role": "user", "content": "stream me a few words"}],
+        "stream_options": {"include_usage": True},
+    }
+    stream = await client.chat.completions.create(stream=True, **body)
+    pieces, finish, usage = [], None, None
+    async for chunk in stream:
+        if chunk.choices:
+            pieces.append(chunk.choices[0].delta.content or "")
+            finish = chunk.choices[0].finish_reason or finish
+        if chunk.usage:
+            usage = chunk.usage
+    direct = teacher_direct(teacher_server.url, body)
+    assert "".join(pieces) == direct["choices"][0]["message"]["content"]
+    assert finish == "stop"
+    assert usage is not None and usage.completion_tokens == direct["usage"]["completion_tokens"]
+    (row,) = records(gateway)
+    assert row.stream and row.response["choices"][0]["message"]["content"] == "".join(pieces)
+    assert row.completion_tokens == usage.completion_tokens and row.ttft_ms is not None
+
+
+def test_stream_without_usage_option_is_still_priced_but_client_gets_no_usage_chunk(
+    gateway: RunningGateway,
+) -> None:
+    client = openai.OpenAI(base_url=gateway.v1, api_key=gateway.key)
+    chunks = list(
+        client.chat.completions.create(
+            model="teacher-large", messages=[{"role": "user", "content": "no usage for me"}], stream=True
+        )
+    )
+    assert all(c.choices for c in chunks)  # no usage-only chunk was forwarded
+    assert all(c.usage is None for c in chunks)
+    (row,) = records(gateway)
+    assert row.completion_tokens > 0 and row.cost_usd > 0
+
+
+def test_tool_call_round_trip(gateway: RunningGateway) -> None:
+    client = openai.OpenAI(base_url=gateway.v1, api_key=gateway.key)
+    completion = client.chat.completions.create(
+        model="teacher-large",
+        messages=[{"role": "user", "content": "where is order 42"}],
+        tools=TOOLS,
+        tool_choice="auto",
+    )
+    call = completion.choices[0].message.tool_calls[0]
+    assert completion.choices[0].finish_reason == "tool_calls"
+    assert call.function.name == "lookup_order"
+    assert orjson.loads(call.function.arguments) == {"query": "where is order 42"}
+    streamed = list(
+        client.chat.completions.create(
+            model="teacher-large",
+            messages=[{"role": "user", "content": "where is order 42"}],
+            tools=TOOLS,
+            stream=True,
+        )
+    )
+    args = "".join(
+        c.choices[0].delta.tool_calls[0].function.arguments or ""
+        for c in streamed
+        if c.choices and c.choices[0].delta.tool_calls
+    )
+    assert orjson.loads(args) == {"query": "where is order 42"}
+    rows = records(gateway)
+    assert [r.finish_reason for r in rows] == ["tool_calls", "tool_calls"]
+    assert rows[1].response["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"] == args
+    assert rows[0].request["tools"] == TOOLS
+
+
+def test_json_mode_passes_through(gateway: RunningGateway) -> None:
+    client = openai.OpenAI(base_url=gateway.v1, api_key=gateway.key)
+    completion = client.chat.completions.create(
+        model="teacher-large",
+        messages=[{"role": "user", "content": "give json"}],
+        response_format={"type": "json_object"},
+        n=2,
+        logprobs=True,
+        top_logprobs=2,
+        user="u-1",
+        stop=["\n\n"],
+    )
+    assert orjson.loads(completion.choices[0].message.content) == {"answer": "give json", "length": 9}
+    assert len(completion.choices) == 2
+    (row,) = records(gateway)
+    for field in ("response_format", "n", "logprobs", "top_logprobs", "user", "stop"):
+        assert field in row.request
+
+
+def test_store_false_keeps_no_content(gateway: RunningGateway) -> None:
+    client = openai.OpenAI(base_url=gateway.v1, api_key=gateway.key)
+    client.chat.completions.create(
+        model="teacher-large", messages=[{"role": "user", "content": "private"}], store=False
+    )
+    client.chat.completions.create(
+        model="teacher-large",
+        messages=[{"role": "user", "content": "private 2"}],
+        extra_headers={"x-distillgate-store": "false"},
+    )
+    rows = records(gateway)
+    assert len(rows) == 2
+    assert all(not r.stored and r.request is None and r.response is None for r in rows)
+    assert all(r.completion_tokens > 0 for r in rows)
+
+
+def test_task_key_sources(gateway: RunningGateway) -> None:
+    client = openai.OpenAI(base_url=gateway.v1, api_key=gateway.key)
+    msgs = [{"role": "system", "content": "Classify  the email."}, {"role": "user", "content": "hi"}]
+    a = client.chat.completions.with_raw_response.create(model="m", messages=msgs)
+    b = client.chat.completions.with_raw_response.create(
+        model="m",
+        messages=[{"role": "system", "content": "Classify the   email."}, {"role": "user", "content": "x"}],
+    )
+    c = client.chat.completions.with_raw_response.create(
+        model="m", messages=msgs, extra_headers={"x-distillgate-task": "from-header"}
+    )
+    d = client.chat.completions.with_raw_response.create(
+        model="m",
+        messages=msgs,
+        metadata={"task": "from-meta"},
+        extra_headers={"x-distillgate-task": "from-header"},
+    )
+    assert a.headers["x-distillgate-task"].startswith("sys-")
+    assert a.headers["x-distillgate-task"] == b.headers["x-distillgate-task"]
+    assert c.headers["x-distillgate-task"] == "from-header"
+    assert d.headers["x-distillgate-task"] == "from-meta"
+
+
+def test_completions_and_embeddings_pass_through(gateway: RunningGateway) -> None:
+    client = openai.OpenAI(base_url=gateway.v1, api_key=gateway.key)
+    completion = client.completions.create(model="teacher-large", prompt="once upon")
+    assert completion.choices[0].text == " completion of once upon"
+    emb = client.embeddings.create(model="embed", input=["a", "b"])
+    assert len(emb.data) == 2 and len(emb.data[0].embedding) == 16
+    rows = records(gateway)
+    assert sorted(r.endpoint for r in rows) == ["completions", "embeddings"]
+
+
+def test_models_lists_teacher_model(gateway: RunningGateway) -> None:
+    client = openai.OpenAI(base_url=gateway.v1, api_key=gateway.key)
+    assert [m.id for m in client.models.list()] == ["teacher-large"]
+
+
+@pytest.mark.parametrize("status", [400, 429])
+def test_upstream_4xx_comes_back_with_its_status(gateway: RunningGateway, status: int) -> None:
+    client = openai.OpenAI(base_url=gateway.v1, api_key=gateway.key, max_retries=0)
+    with pytest.raises(openai.APIStatusError) as info:
+        client.chat.completions.create(model="m", messages=[{"role": "user", "content": f"!error {status}"}])
+    assert info.value.status_code == status
+    assert info.value.body["message"] == f"Scripted error {status}."
+    (row,) = records(gateway)
+    assert row.status == status and row.error == f"Scripted error {status}."
+
+
+def test_upstream_5xx_is_retried_then_succeeds(gateway: RunningGateway, teacher) -> None:
+    state, _ = teacher
+    state.fail_next = [503, 502]
+    client = openai.OpenAI(base_url=gateway.v1, api_key=gateway.key, max_retries=0)
+    completion = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "retry me"}])
+    assert completion.choices[0].message.content == "You said: retry me"
+    assert state.stats.chat == 3
+
+
+def test_unreachable_teacher_is_502_openai_error(gateway: RunningGateway, teacher) -> None:
+    _, server = teacher
+    server.stop()
+    client = openai.OpenAI(base_url=gateway.v1, api_key=gateway.key, max_retries=0)
+    with pytest.raises(openai.APIStatusError) as info:
+        client.chat.completions.create(model="m", messages=[{"role": "user", "content": "anyone?"}])
+    assert info.value.status_code == 502
+    assert info.value.body["type"] == "upstream_error"
+    (row,) = records(gateway)
+    assert row.status == 502

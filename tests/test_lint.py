@@ -1,0 +1,24 @@
+"""The code base stays ruff-clean (lint and format), so CI catches what a reviewer would."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ["gateway", "router", "trainer", "tests", "bench"]
+
+
+def ruff(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "ruff", *args], cwd=ROOT, capture_output=True, text=True)
+
+
+def test_ruff_lint_passes() -> None:
+    done = ruff("check", *PACKAGES)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_ruff_format_is_applied() -> None:
+    done = ruff("format", "--check", *PACKAGES)
+    assert done.returncode == 0, done.stdout + done.stderr
