@@ -1,0 +1,286 @@
+"""The routing policy: one YAML file, validated with errors that name the bad key.
+
+Defaults apply to every task; ``tasks.<name>`` overrides any part of them. ``Policy.for_task``
+returns the merged, fully-resolved ``TaskPolicy`` the rest of the code reads.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+)
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0, None: 1.0}
+
+
+def parse_duration(value: Any) -> float:
+    """``"1d"``, ``"30m"``, ``"10s"``, ``"250ms"`` or a number of seconds → seconds."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        m = _DURATION.match(value)
+        if m:
+            return float(m.group(1)) * _UNIT_S[m.group(2)]
+    raise ValueError(f"not a duration: {value!r} (use e.g. 30s, 10m, 1h, 1d)")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TeacherEndpoint(_Strict):
+    """The large model the gateway forwards to and learns from."""
+
+    base_url: str
+    """OpenAI-compatible base URL ending in ``/v1``."""
+    api_key_env: str | None = None
+    """Name of the environment variable that holds the teacher's key (the key itself is never
+    written in the policy, stored or logged)."""
+    model: str | None = None
+    """The teacher's main model: listed by ``GET /v1/models`` and used to price requests for models
+    missing from ``prices``. Clients' ``model`` fields are always passed through unchanged."""
+    models: list[str] = Field(default_factory=list)
+    """Models listed by ``GET /v1/models`` and passed through as asked; empty means any."""
+    timeout: float = 600.0
+    headers: dict[str, str] = Field(default_factory=dict)
+    """Extra headers sent upstream (e.g. ``OpenAI-Organization``)."""
+
+    def api_key(self) -> str | None:
+        return os.environ.get(self.api_key_env) if self.api_key_env else None
+
+    @field_validator("timeout", mode="before")
+    @classmethod
+    def _dur(cls, v: Any) -> float:
+        return parse_duration(v)
+
+
+class StudentEndpoint(_Strict):
+    """The server that serves the student adapters (vLLM in production)."""
+
+    base_url: str
+    base_model: str
+    """Hub id or local path of the base model adapters are trained on and loaded into."""
+    engine: Literal["vllm", "embedded"] = "vllm"
+    api_key_env: str | None = None
+    timeout: float = 60.0
+    """Student calls are bounded: on timeout the teacher answers instead."""
+    max_context_tokens: int = 4096
+    """Prompt plus completion tokens the student model can take; longer requests stay on the teacher."""
+    max_logprobs: int = Field(20, ge=0)
+    """Most ``top_logprobs`` the student server returns (vLLM's ``--max-logprobs``); requests asking
+    for more stay on the teacher, and ``0`` keeps every request that asks for logprobs there."""
+    adapter_root: str | None = None
+    """Path prefix under which the student server sees the adapters directory (when it is
+    mounted elsewhere than in the gateway/worker)."""
+
+    def api_key(self) -> str | None:
+        return os.environ.get(self.api_key_env) if self.api_key_env else None
+
+    @field_validator("timeout", mode="before")
+    @classmethod
+    def _dur(cls, v: Any) -> float:
+        return parse_duration(v)
+
+
+class Price(_Strict):
+    """USD per million tokens (or per GPU-hour for a self-hosted student)."""
+
+    input: float = 0.0
+    cached_input: float | None = None
+    """Price of prompt tokens served from the provider's prompt cache; defaults to ``input``."""
+    output: float = 0.0
+    gpu_hour: float | None = None
+    """For a self-hosted student: USD per GPU-hour, spread over the request's latency."""
+
+
+class CachePolicy(_Strict):
+    enabled: bool = True
+    ttl: float = 86400.0
+    """How long an answer stays fresh (``1d``, ``30m`` …)."""
+    only_deterministic: bool = True
+    """Cache only requests with temperature 0 or a fixed seed (never ``n > 1``). ``false`` caches all."""
+    max_entries: int = 10_000
+    """Entries kept in each replica's in-process tier."""
+    max_entry_bytes: int = 1_048_576
+
+    @field_validator("ttl", mode="before")
+    @classmethod
+    def _dur(cls, v: Any) -> float:
+        return parse_duration(v)
+
+
+class TrainPolicy(_Strict):
+    enabled: bool = True
+    min_new_records: int = 300
+    """New usable records since the last run before training again."""
+    max_records: int = 20_000
+    holdout: float = Field(0.1, ge=0.0, lt=1.0)
+    """Share of records (by hash, stable) kept out of training for evaluation."""
+    schedule: float = 3600.0
+    """Least time between two runs for a task."""
+    method: Literal["lora", "full"] = "lora"
+    epochs: float = 3.0
+    learning_rate: float = 2e-4
+    batch_size: int = 8
+    max_seq_len: int = 1024
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_targets: list[str] | str = "all-linear"
+    min_offline_score: float = 0.8
+    """Offline agreement on held-out teacher answers needed to enter shadow."""
+    max_completion_tokens: int = 512
+
+    @field_validator("schedule", mode="before")
+    @classmethod
+    def _dur(cls, v: Any) -> float:
+        return parse_duration(v)
+
+
+class ShadowPolicy(_Strict):
+    rate: float = Field(0.2, ge=0.0, le=1.0)
+    """Share of the task's teacher traffic mirrored to the candidate."""
+    max_concurrency: int = Field(8, ge=1)
+    """Shadow calls in flight at once; more are dropped (and counted), never queued behind clients."""
+
+
+class PromotePolicy(_Strict):
+    scorer: Literal["auto", "exact", "json_fields", "json_valid", "tool_call", "similarity", "judge"] = "auto"
+    threshold: float = Field(0.95, ge=0.0, le=1.0)
+    """Pass rate the lower confidence bound must clear."""
+    pass_score: float = Field(0.9, ge=0.0, le=1.0)
+    """A pair passes when its score is at least this (1.0 for exact-style scorers)."""
+    min_samples: int = Field(200, ge=1)
+    confidence: float = Field(0.95, gt=0.0, lt=1.0)
+
+
+class AuditPolicy(_Strict):
+    rate: float = Field(0.02, ge=0.0, le=1.0)
+    """Share of student-served traffic also sent to the teacher and scored."""
+    rollback_below: float = Field(0.90, ge=0.0, le=1.0)
+    """Roll back when the upper confidence bound of the audit pass rate falls below this."""
+    window: int = Field(200, ge=1)
+    """Most recent audit pairs considered."""
+    min_samples: int = Field(20, ge=1)
+    error_burst: int = Field(5, ge=1)
+    """Consecutive student errors that roll a task back at once."""
+    confidence: float = Field(0.95, gt=0.0, lt=1.0)
+    """One-sided confidence of the upper bound that must fall below ``rollback_below``."""
+
+
+class TaskPolicy(_Strict):
+    """A task's resolved settings (defaults merged with its overrides)."""
+
+    cache: CachePolicy = Field(default_factory=CachePolicy)
+    train: TrainPolicy = Field(default_factory=TrainPolicy)
+    shadow: ShadowPolicy = Field(default_factory=ShadowPolicy)
+    promote: PromotePolicy = Field(default_factory=PromotePolicy)
+    canary: list[float] = Field(default_factory=lambda: [0.05, 0.25, 1.0])
+    audit: AuditPolicy = Field(default_factory=AuditPolicy)
+    distill: bool = True
+    """``false`` keeps the task on the teacher for good (it is still recorded and cached)."""
+
+    @field_validator("canary")
+    @classmethod
+    def _canary(cls, v: list[float]) -> list[float]:
+        if not v or any(not 0 < x <= 1 for x in v) or v != sorted(v) or v[-1] != 1.0:
+            raise ValueError("canary steps must be increasing shares in (0, 1] ending at 1.0")
+        return v
+
+
+class Policy(_Strict):
+    """The whole policy file."""
+
+    teacher: TeacherEndpoint
+    student: StudentEndpoint | None = None
+    prices: dict[str, Price] = Field(default_factory=dict)
+    """Per model name; the key ``student`` prices the student."""
+    defaults: dict[str, Any] = Field(default_factory=dict)
+    tasks: dict[str, dict[str, Any] | None] = Field(default_factory=dict)
+    _resolved: dict[str, TaskPolicy] = PrivateAttr(default_factory=dict)
+
+    def check_overrides(self) -> None:
+        """Resolve defaults and every task override once, so a bad key fails the load with its path."""
+        _resolve(self.defaults, {}, "defaults")
+        for name, override in self.tasks.items():
+            if override is not None and not isinstance(override, dict):
+                raise PolicyError(f"invalid policy: tasks.{name}: must be a mapping")
+            _resolve(self.defaults, override or {}, f"tasks.{name}")
+
+    def for_task(self, task: str) -> TaskPolicy:
+        cached = self._resolved.get(task)
+        if cached is None:
+            cached = _resolve(self.defaults, self.tasks.get(task) or {}, f"tasks.{task}")
+            if len(self._resolved) > 10_000:
+                self._resolved.clear()
+            self._resolved[task] = cached
+        return cached
+
+    def price(self, model: str) -> Price | None:
+        return self.prices.get(model)
+
+
+def _resolve(defaults: dict[str, Any], override: dict[str, Any], where: str) -> TaskPolicy:
+    merged = _deep_merge(defaults, override)
+    try:
+        return TaskPolicy.model_validate(merged)
+    except ValidationError as exc:
+        raise PolicyError(_explain(exc, where)) from None
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+class PolicyError(ValueError):
+    """The policy file is not valid; the message names each bad key with its path."""
+
+
+def _explain(exc: ValidationError, where: str = "") -> str:
+    lines = []
+    for err in exc.errors():
+        path = ".".join(str(p) for p in err["loc"])
+        if where:
+            path = f"{where}.{path}" if path else where
+        path = path or "(top level)"
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        lines.append(f"{path}: {msg}")
+    return "invalid policy: " + "; ".join(lines)
+
+
+def parse_policy(data: Any, source: str = "policy") -> Policy:
+    if not isinstance(data, dict):
+        raise PolicyError(f"invalid policy: {source} must be a YAML mapping")
+    try:
+        policy = Policy.model_validate(data)
+    except ValidationError as exc:
+        raise PolicyError(_explain(exc)) from None
+    policy.check_overrides()
+    return policy
+
+
+def load_policy(path: str | Path) -> Policy:
+    """Read and validate a policy file; raises ``PolicyError`` naming every bad key."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as exc:
+        raise PolicyError(f"invalid policy: {path} is not valid YAML: {exc}") from None
+    return parse_policy(data, str(path))
