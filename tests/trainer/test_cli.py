@@ -1,0 +1,143 @@
+"""``distillgate dataset``, ``train``, ``adapters`` and ``student`` through typer, on a real SQLite store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import typer
+import yaml
+from typer.testing import CliRunner
+
+from gateway.store.db import Database
+from tests.trainer.conftest import add_records, intent_records, weather_records
+from trainer.cli import register
+
+
+@pytest.fixture
+def app() -> typer.Typer:
+    app = typer.Typer()
+    register(app)
+    return app
+
+
+@pytest.fixture
+def config(tmp_path: Path, tiny_model: Path) -> Path:
+    db_url = f"sqlite:///{tmp_path / 'distillgate.db'}"
+    db = Database(db_url)
+    db.create_all()
+    add_records(db, intent_records("intent", 40) + weather_records("weather", 8))
+    db.dispose()
+    policy = {
+        "teacher": {"base_url": "http://teacher.invalid/v1"},
+        "student": {
+            "base_url": "http://student.invalid/v1",
+            "base_model": str(tiny_model),
+            "engine": "embedded",
+        },
+        "defaults": {
+            "train": {
+                "method": "lora",
+                "epochs": 1,
+                "batch_size": 4,
+                "max_seq_len": 320,
+                "holdout": 0.25,
+                "lora_rank": 8,
+                "lora_alpha": 16,
+            }
+        },
+    }
+    (tmp_path / "policy.yaml").write_text(yaml.safe_dump(policy))
+    settings = {
+        "database_url": db_url,
+        "policy_file": "policy.yaml",
+        "adapters_dir": str(tmp_path / "adapters"),
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(settings))
+    return path
+
+
+def run(app: typer.Typer, *args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(app, list(args))
+    return result.exit_code, result.stdout
+
+
+def last_json(output: str) -> object:
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def test_dataset_build_and_export(app: typer.Typer, config: Path, tmp_path: Path) -> None:
+    code, out = run(app, "dataset", "build", "--task", "intent", "--config", str(config), "--json")
+    assert code == 0, out
+    built = last_json(out)
+    assert isinstance(built, dict) and built["kept"] == 40 and built["train"] + built["holdout"] == 40
+    assert built["dataset_id"] == 1 and len(built["content_hash"]) == 64
+
+    target = tmp_path / "weather.jsonl"
+    code, out = run(
+        app,
+        "dataset",
+        "export",
+        "--task",
+        "weather",
+        "--out",
+        str(target),
+        "--split",
+        "all",
+        "--config",
+        str(config),
+        "--json",
+    )
+    assert code == 0, out
+    exported = last_json(out)
+    assert isinstance(exported, dict) and exported["lines"] == 8
+    lines = [json.loads(line) for line in target.read_text().splitlines()]
+    assert all(line["tools"][0]["function"]["name"] == "get_weather" for line in lines)
+    assert all(line["messages"][-1]["tool_calls"] for line in lines)
+
+    code, _ = run(
+        app,
+        "dataset",
+        "export",
+        "--task",
+        "weather",
+        "--out",
+        str(target),
+        "--split",
+        "nope",
+        "--config",
+        str(config),
+    )
+    assert code == 2
+
+
+def test_train_then_list_adapters(app: typer.Typer, config: Path) -> None:
+    code, out = run(app, "train", "--task", "intent", "--config", str(config), "--json")
+    assert code == 0, out
+    summary = last_json(out)
+    assert isinstance(summary, dict)
+    assert summary["adapter"] == "intent@v1" and summary["status"] == "succeeded"
+    assert summary["eval_loss_after"] < summary["eval_loss_before"]
+    assert Path(summary["path"], "adapter_config.json").is_file()
+
+    code, out = run(app, "adapters", "list", "--config", str(config), "--json")
+    assert code == 0
+    listed = last_json(out)
+    assert isinstance(listed, list) and [a["name"] for a in listed] == ["intent@v1"]
+
+    code, out = run(app, "adapters", "list", "--config", str(config))
+    assert code == 0 and "intent@v1" in out
+
+
+def test_train_without_data_exits_1(app: typer.Typer, config: Path) -> None:
+    code, out = run(app, "train", "--task", "nothing-recorded", "--config", str(config), "--json")
+    assert code == 1
+    result = last_json(out)
+    assert isinstance(result, dict) and result["status"] == "failed"
+
+
+def test_student_serve_rejects_a_malformed_lora_option(app: typer.Typer, tiny_model: Path) -> None:
+    code, _ = run(app, "student", "serve", "--base-model", str(tiny_model), "--lora", "no-equals-sign")
+    assert code == 2

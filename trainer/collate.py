@@ -1,0 +1,181 @@
+"""From chat examples to training tensors: render with the student's chat template, put labels
+on assistant tokens only, pack several examples into one sequence, pad a batch.
+
+Labels: every token is ``-100`` (no loss) except those of the answered assistant turn(s),
+tool calls and the end-of-turn token included, so the student learns to answer and to stop.
+Turns are located by rendering the conversation up to each assistant turn (with the
+generation prompt) and up to its end; the character spans map to tokens through the fast
+tokenizer's offsets, which works for any template whose renders are prefixes of each other.
+
+Packing: examples are concatenated up to ``max_seq_len``. Each keeps its own position ids
+(restarting at 0) and the first token of every example is unlabelled, so no label ever asks
+one example to predict another. Attention: no attention mask is passed; transformers (>= 4.54)
+derives block-diagonal causal masks from restarting position ids for eager/SDPA/flex
+attention, and flash-attention uses them as variable-length boundaries, so tokens attend only
+within their own example. Padding forms its own segment and carries no labels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from trainer.chat_format import template_messages
+
+IGNORE_INDEX = -100
+
+AssistantTurns = Literal["last", "all"]
+
+
+class Conversation(Protocol):
+    """What training reads from an example (``trainer.dataset.Example`` is one)."""
+
+    @property
+    def messages(self) -> list[dict[str, Any]]: ...
+
+    @property
+    def tools(self) -> list[dict[str, Any]] | None: ...
+
+
+class TemplateError(ValueError):
+    """The chat template does not render a conversation so that its turns can be located."""
+
+
+@dataclass(frozen=True)
+class TokenizedExample:
+    input_ids: list[int]
+    labels: list[int]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def trained_tokens(self) -> int:
+        return sum(1 for label in self.labels if label != IGNORE_INDEX)
+
+
+def assistant_spans(
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None,
+    turns: AssistantTurns = "last",
+) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of the assistant turns to learn.
+
+    ``turns="last"`` keeps only the final assistant turn (a record's teacher answer; earlier
+    turns are prompt context written by whoever built the conversation); ``"all"`` keeps
+    every assistant turn.
+    """
+    msgs = template_messages(messages)
+    render = _renderer(tokenizer, tools)
+    full = render(msgs, False)
+    indices = [i for i, m in enumerate(msgs) if m["role"] == "assistant" and i > 0]
+    if turns == "last":
+        indices = indices[-1:] if indices and indices[-1] == len(msgs) - 1 else []
+    spans: list[tuple[int, int]] = []
+    for i in indices:
+        before = render(msgs[:i], True)
+        through = render(msgs[: i + 1], False).rstrip()
+        if not (full.startswith(before) and full.startswith(through) and len(through) > len(before)):
+            if i == len(msgs) - 1:
+                raise TemplateError("the chat template does not render the answer after its prompt")
+            continue  # an earlier turn this template re-renders (e.g. strips reasoning): context only
+        spans.append((len(before), len(through)))
+    return full, spans
+
+
+def tokenize_example(
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None = None,
+    *,
+    turns: AssistantTurns = "last",
+) -> TokenizedExample:
+    """Token ids and labels of one conversation, labelled on assistant tokens only."""
+    text, spans = assistant_spans(tokenizer, messages, tools, turns)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids: list[int] = list(enc["input_ids"])
+    labels = [IGNORE_INDEX] * len(ids)
+    for j, (start, end) in enumerate(enc["offset_mapping"]):
+        if end > start and any(lo <= start < hi for lo, hi in spans):
+            labels[j] = ids[j]
+    return TokenizedExample(ids, labels)
+
+
+def _renderer(tokenizer: Any, tools: list[dict[str, Any]] | None) -> Any:
+    def render(msgs: list[dict[str, Any]], generation_prompt: bool) -> str:
+        text = tokenizer.apply_chat_template(
+            msgs, tools=tools or None, tokenize=False, add_generation_prompt=generation_prompt
+        )
+        return str(text)
+
+    return render
+
+
+@dataclass
+class PackedSequence:
+    """Several examples back to back, each with positions restarting at 0."""
+
+    input_ids: list[int] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    position_ids: list[int] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def add(self, example: TokenizedExample) -> None:
+        labels = list(example.labels)
+        if labels:
+            labels[0] = IGNORE_INDEX  # never predicted from the previous example's last token
+        self.input_ids.extend(example.input_ids)
+        self.labels.extend(labels)
+        self.position_ids.extend(range(len(example)))
+        self.lengths.append(len(example))
+
+
+def pack(
+    examples: Sequence[TokenizedExample], max_seq_len: int, *, packing: bool = True
+) -> list[PackedSequence]:
+    """Greedily fill sequences of at most ``max_seq_len`` tokens with examples, in order.
+
+    Examples longer than ``max_seq_len`` must have been dropped before. With ``packing=False``
+    every example is its own sequence.
+    """
+    sequences: list[PackedSequence] = []
+    current = PackedSequence()
+    for example in examples:
+        if len(example) > max_seq_len:
+            raise ValueError(f"an example of {len(example)} tokens does not fit max_seq_len={max_seq_len}")
+        if current.lengths and (not packing or len(current) + len(example) > max_seq_len):
+            sequences.append(current)
+            current = PackedSequence()
+        current.add(example)
+    if current.lengths:
+        sequences.append(current)
+    return sequences
+
+
+@dataclass(frozen=True)
+class Collator:
+    """Pads a batch of packed sequences to its longest one: pad ids, ``-100`` labels, and
+    positions that start a new segment (so padding attends only to padding)."""
+
+    pad_token_id: int
+
+    def __call__(self, batch: Sequence[PackedSequence]) -> dict[str, Any]:
+        import torch
+
+        width = max(len(seq) for seq in batch)
+        input_ids, labels, position_ids = [], [], []
+        for seq in batch:
+            pad = width - len(seq)
+            input_ids.append(seq.input_ids + [self.pad_token_id] * pad)
+            labels.append(seq.labels + [IGNORE_INDEX] * pad)
+            position_ids.append(seq.position_ids + list(range(pad)))
+        return {
+            "input_ids": torch.tensor(input_ids, dtype=torch.long),
+            "labels": torch.tensor(labels, dtype=torch.long),
+            "position_ids": torch.tensor(position_ids, dtype=torch.long),
+        }

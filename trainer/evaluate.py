@@ -1,0 +1,181 @@
+"""Offline evaluation: answer held-out prompts with a local student and score agreement with the
+teacher's recorded answers.
+
+Answers are generated greedily through ``trainer.generation`` (the code the embedded student
+server runs), and both sides are compared as OpenAI chat completion responses, so any scorer
+from ``router.scorers`` applies; the default is an exact match after normalising whitespace
+and case (tool calls: same names and same parsed arguments).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from trainer.chat_format import parse_arguments
+from trainer.dataset import Example
+from trainer.generation import SamplingParams, StudentModels, split_answer
+
+ScoreFunction = Callable[[dict[str, Any], dict[str, Any]], float]
+"""(teacher response, student response) → score in [0, 1]."""
+
+
+@dataclass
+class EvalSample:
+    record_id: str
+    score: float
+    teacher: str
+    student: str
+
+
+@dataclass
+class EvalResult:
+    """Agreement of a student with the teacher on held-out prompts."""
+
+    model: str
+    scorer: str
+    n: int
+    agreement: float
+    """Mean score."""
+    pass_rate: float
+    """Share of prompts whose score reached ``pass_score``."""
+    latency_ms_p50: float
+    samples: list[EvalSample] = field(default_factory=list)
+    """The first few comparisons, to show what the student says."""
+
+    def metrics(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "scorer": self.scorer,
+            "n": self.n,
+            "agreement": round(self.agreement, 4),
+            "pass_rate": round(self.pass_rate, 4),
+            "latency_ms_p50": round(self.latency_ms_p50, 2),
+        }
+
+
+def response_of(message: dict[str, Any], finish_reason: str = "stop") -> dict[str, Any]:
+    """An assistant message as a one-choice chat completion response (what scorers read)."""
+    return {
+        "object": "chat.completion",
+        "choices": [{"index": 0, "message": message, "finish_reason": finish_reason}],
+    }
+
+
+def exact_match(teacher: dict[str, Any], student: dict[str, Any]) -> float:
+    """1.0 when the first choices agree: text equal after collapsing whitespace and case, and
+    the same tool calls (names and parsed arguments, in order); else 0.0."""
+    a, b = _first_message(teacher), _first_message(student)
+    if (
+        " ".join(str(a.get("content") or "").split()).casefold()
+        != " ".join(str(b.get("content") or "").split()).casefold()
+    ):
+        return 0.0
+    return float(_calls(a) == _calls(b))
+
+
+def _first_message(response: dict[str, Any]) -> dict[str, Any]:
+    choices = response.get("choices") or [{}]
+    message = choices[0].get("message") if isinstance(choices[0], dict) else None
+    return message if isinstance(message, dict) else {}
+
+
+def _calls(message: dict[str, Any]) -> list[tuple[Any, Any]]:
+    out = []
+    for call in message.get("tool_calls") or []:
+        fn = call.get("function") or {}
+        out.append((fn.get("name"), parse_arguments(fn.get("arguments"))))
+    return out
+
+
+def resolve_scorer(
+    scorer: str | ScoreFunction,
+) -> tuple[str, Callable[[dict[str, Any], dict[str, Any], dict[str, Any]], float]]:
+    """A scorer name (``exact`` built in; others from ``router.scorers``) or a callable, as
+    ``(name, f(teacher, student, request))``."""
+    if callable(scorer):
+        function = scorer
+        return getattr(scorer, "__name__", "custom"), lambda t, s, _r: function(t, s)
+    if scorer == "exact":
+        return "exact", lambda t, s, _r: exact_match(t, s)
+    from router import scorers
+
+    name = scorer
+    return name, lambda t, s, r: scorers.score(name, t, s, request=r).score
+
+
+def evaluate(
+    models: StudentModels,
+    model: str,
+    examples: Sequence[Example],
+    *,
+    scorer: str | ScoreFunction = "exact",
+    pass_score: float = 1.0,
+    max_tokens: int = 512,
+    keep_samples: int = 5,
+) -> EvalResult:
+    """Answer every example's prompt with ``model`` (the base name or a loaded adapter) greedily
+    and score each answer against the teacher's. Blocking."""
+    name, function = resolve_scorer(scorer)
+    scores: list[float] = []
+    latencies: list[float] = []
+    samples: list[EvalSample] = []
+    for example in examples:
+        request = example.request or {"messages": example.prompt_messages, "tools": example.tools}
+        started = time.perf_counter()
+        limit = max(
+            1,
+            min(
+                max_tokens,
+                models.max_model_len
+                - 1
+                - len(models.prompt_ids(model, example.prompt_messages, example.tools)),
+            ),
+        )
+        result = models.chat(
+            model, example.prompt_messages, example.tools, SamplingParams(temperature=0.0, max_tokens=limit)
+        )
+        latencies.append((time.perf_counter() - started) * 1000.0)
+        generation = result.choices[0]
+        answer = split_answer(generation.text, bool(example.tools))
+        message = {"role": "assistant", "content": answer.content, "tool_calls": answer.tool_calls or None}
+        finish = "tool_calls" if answer.tool_calls else generation.finish_reason
+        value = float(function(response_of(example.answer), response_of(message, finish), request))
+        scores.append(value)
+        if len(samples) < keep_samples:
+            samples.append(EvalSample(example.record_id, value, _show(example.answer), _show(message)))
+    n = len(scores)
+    ordered = sorted(latencies)
+    return EvalResult(
+        model=model,
+        scorer=name,
+        n=n,
+        agreement=sum(scores) / n if n else 0.0,
+        pass_rate=sum(1 for s in scores if s >= pass_score - 1e-12) / n if n else 0.0,
+        latency_ms_p50=ordered[len(ordered) // 2] if ordered else 0.0,
+        samples=samples,
+    )
+
+
+def evaluate_adapter(
+    base_model: str,
+    adapter_path: str | None,
+    examples: Sequence[Example],
+    **kwargs: Any,
+) -> EvalResult:
+    """Load ``base_model`` (and the adapter or full model at ``adapter_path``, if any) and ``evaluate``."""
+    models = StudentModels(base_model)
+    model = models.base_name
+    if adapter_path is not None:
+        models.load("candidate", adapter_path)
+        model = "candidate"
+    return evaluate(models, model, examples, **kwargs)
+
+
+def _show(message: dict[str, Any]) -> str:
+    if message.get("tool_calls"):
+        return json.dumps([(c.get("function") or {}) for c in message["tool_calls"]], ensure_ascii=False)
+    return str(message.get("content") or "")

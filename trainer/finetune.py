@@ -1,0 +1,512 @@
+"""Supervised fine-tuning of a student on teacher demonstrations: LoRA (peft) or full.
+
+A plain torch loop (AdamW, linear warmup then linear decay, gradient clipping) over packed
+sequences from ``trainer.collate``; held-out loss before, during (for early stopping) and
+after training. LoRA runs save only the adapter (``adapter_config.json`` +
+``adapter_model.safetensors``, the layout vLLM loads); full runs save the whole model and its
+tokenizer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from trainer.collate import (
+    IGNORE_INDEX,
+    AssistantTurns,
+    Collator,
+    Conversation,
+    PackedSequence,
+    pack,
+    tokenize_example,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+    from router.policy import TrainPolicy
+
+
+@dataclass
+class FinetuneConfig:
+    """Hyper-parameters of one fine-tuning run (the policy's ``train`` section supplies most)."""
+
+    method: Literal["lora", "full"] = "lora"
+    """``lora`` trains a low-rank adapter on a frozen base; ``full`` trains every weight (small models)."""
+    lora_rank: int = 16
+    """Rank ``r`` of the LoRA matrices. vLLM must run with ``--max-lora-rank`` at least this."""
+    lora_alpha: int = 32
+    """LoRA scaling numerator: updates are scaled by ``lora_alpha / lora_rank``."""
+    lora_dropout: float = 0.05
+    """Dropout on the LoRA branch's input during training."""
+    lora_targets: list[str] | str = "all-linear"
+    """Modules that get adapters: ``all-linear`` (every linear layer but the output head) or names."""
+    learning_rate: float = 2e-4
+    """Peak learning rate, reached after warmup and decayed linearly to 0."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay."""
+    warmup_ratio: float = 0.03
+    """Share of the optimizer steps spent warming the learning rate up from 0 (at least one step)."""
+    max_grad_norm: float = 1.0
+    """Gradients are clipped to this global norm; 0 disables clipping."""
+    epochs: float = 3.0
+    """Passes over the training set; fractions stop part-way through the last one."""
+    max_steps: int | None = None
+    """Upper bound on optimizer steps, whatever ``epochs`` says (benchmarks, smoke runs)."""
+    batch_size: int = 8
+    """Packed sequences per forward/backward pass."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches summed into one optimizer step (effective batch = batch_size * this)."""
+    max_seq_len: int = 1024
+    """Longest packed sequence in tokens; longer examples are dropped (and counted), never cut."""
+    packing: bool = True
+    """Concatenate several examples per sequence (attention and labels stay per example)."""
+    assistant_turns: AssistantTurns = "last"
+    """Which assistant turns carry loss: ``last`` (the record's teacher answer) or ``all``."""
+    eval_every: int = 0
+    """Held-out loss every N optimizer steps; 0 means once per epoch."""
+    early_stopping_patience: int = 3
+    """Stop after this many evaluations without improving the held-out loss by
+    ``early_stopping_min_delta``; the best weights are kept. 0 disables early stopping."""
+    early_stopping_min_delta: float = 0.0
+    seed: int = 0
+    """Seeds python, torch and the data order: same data, config and hardware give the same weights."""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """``auto``: bf16 autocast on a GPU that supports it (LoRA bases loaded in bf16), fp32 otherwise."""
+    device: str = "auto"
+    """``auto`` (CUDA if available, else CPU), ``cpu``, ``cuda``, ``cuda:1`` …"""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about a third more compute."""
+
+    @classmethod
+    def from_policy(cls, train: TrainPolicy, **overrides: Any) -> FinetuneConfig:
+        """The run configuration a task's ``train`` policy asks for."""
+        values: dict[str, Any] = {
+            "method": train.method,
+            "epochs": train.epochs,
+            "learning_rate": train.learning_rate,
+            "batch_size": train.batch_size,
+            "max_seq_len": train.max_seq_len,
+            "lora_rank": train.lora_rank,
+            "lora_alpha": train.lora_alpha,
+            "lora_dropout": train.lora_dropout,
+            "lora_targets": train.lora_targets,
+        }
+        values.update(overrides)
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class FinetuneProgress:
+    """What a progress callback sees after every optimizer step."""
+
+    step: int
+    total_steps: int
+    epoch: float
+    train_loss: float
+    eval_loss: float | None
+    tokens_per_s: float
+
+
+ProgressCallback = Callable[[FinetuneProgress], None]
+
+
+@dataclass
+class FinetuneResult:
+    """Losses, sizes and timings of a run; ``metrics()`` is what the adapter registry stores."""
+
+    out_dir: str
+    method: str
+    device: str
+    precision: str
+    eval_loss_before: float | None
+    eval_loss_after: float | None
+    train_losses: list[tuple[int, float]] = field(default_factory=list)
+    """(optimizer step, mean loss of its tokens)."""
+    eval_losses: list[tuple[int, float]] = field(default_factory=list)
+    steps: int = 0
+    total_steps: int = 0
+    stopped_early: bool = False
+    train_examples: int = 0
+    eval_examples: int = 0
+    dropped_too_long: int = 0
+    sequences: int = 0
+    """Packed training sequences per epoch."""
+    tokens: int = 0
+    """Tokens that went through forward and backward passes (padding excluded)."""
+    trained_tokens: int = 0
+    """Tokens that carried loss (assistant tokens), summed over epochs."""
+    train_s: float = 0.0
+    wall_s: float = 0.0
+    trainable_parameters: int = 0
+    total_parameters: int = 0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.train_s if self.train_s > 0 else 0.0
+
+    def metrics(self) -> dict[str, Any]:
+        data = asdict(self)
+        del data["out_dir"]  # the registry records where the files end up
+        data["tokens_per_s"] = round(self.tokens_per_s, 1)
+        data["train_losses"] = [[s, round(v, 5)] for s, v in self.train_losses]
+        data["eval_losses"] = [[s, round(v, 5)] for s, v in self.eval_losses]
+        return data
+
+
+def pick_device(requested: str = "auto") -> str:
+    import torch
+
+    if requested != "auto":
+        return requested
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def use_bf16(precision: str, device: str) -> bool:
+    import torch
+
+    if precision == "bf16":
+        return True
+    if precision == "fp32":
+        return False
+    return device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def finetune(
+    base_model: str | Path,
+    train_examples: Sequence[Conversation],
+    eval_examples: Sequence[Conversation],
+    out_dir: str | Path,
+    config: FinetuneConfig | None = None,
+    *,
+    progress: bool | ProgressCallback = False,
+) -> FinetuneResult:
+    """Fine-tune ``base_model`` (hub id or local path) on ``train_examples`` and save to ``out_dir``.
+
+    ``eval_examples`` (held out, never trained on) measure the loss before and after, and drive
+    early stopping. ``progress=True`` draws a rich progress bar; a callable receives a
+    ``FinetuneProgress`` after every optimizer step instead.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = config or FinetuneConfig()
+    started = time.perf_counter()
+    _seed_everything(config.seed)
+    device = pick_device(config.device)
+    bf16 = use_bf16(config.precision, device)
+    tokenizer = AutoTokenizer.from_pretrained(str(base_model))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    train_tok, dropped_train = _tokenize(tokenizer, train_examples, config)
+    eval_tok, dropped_eval = _tokenize(tokenizer, eval_examples, config)
+    if not train_tok:
+        raise ValueError("no training example fits max_seq_len (or none was given)")
+    random.Random(config.seed).shuffle(train_tok)
+    train_seqs = pack(train_tok, config.max_seq_len, packing=config.packing)
+    eval_seqs = pack(eval_tok, config.max_seq_len, packing=config.packing)
+    collator = Collator(pad_id)
+
+    load_dtype = torch.bfloat16 if (bf16 and config.method == "lora") else torch.float32
+    model: Any = AutoModelForCausalLM.from_pretrained(str(base_model), dtype=load_dtype)
+    model.config.use_cache = False
+    if config.method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        targets = config.lora_targets
+        peft_config = LoraConfig(
+            r=config.lora_rank,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            target_modules=targets if isinstance(targets, str) else list(targets),
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, peft_config)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        if config.method == "lora":
+            model.enable_input_require_grads()
+    model.to(device)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
+    micro_per_epoch = math.ceil(len(train_seqs) / config.batch_size)
+    steps_per_epoch = max(1, math.ceil(micro_per_epoch / config.gradient_accumulation_steps))
+    total_steps = max(1, math.ceil(steps_per_epoch * config.epochs))
+    if config.max_steps is not None:
+        total_steps = min(total_steps, config.max_steps)
+    warmup = max(1, int(config.warmup_ratio * total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, warmup, total_steps))
+    eval_every = config.eval_every or steps_per_epoch
+
+    result = FinetuneResult(
+        out_dir=str(out_dir),
+        method=config.method,
+        device=device,
+        precision="bf16" if bf16 else "fp32",
+        eval_loss_before=None,
+        eval_loss_after=None,
+        total_steps=total_steps,
+        train_examples=len(train_tok),
+        eval_examples=len(eval_tok),
+        dropped_too_long=dropped_train + dropped_eval,
+        sequences=len(train_seqs),
+        trainable_parameters=sum(p.numel() for p in trainable),
+        total_parameters=sum(p.numel() for p in model.parameters()),
+    )
+
+    def held_out_loss() -> float | None:
+        if not eval_seqs:
+            return None
+        return evaluate_loss(model, eval_seqs, collator, config.batch_size, device, autocast)
+
+    result.eval_loss_before = held_out_loss()
+    best_loss = result.eval_loss_before
+    best_state: dict[str, torch.Tensor] | None = None
+    bad_evals = 0
+    step = 0
+    train_time = 0.0
+    reporter = _reporter(progress, total_steps)
+    data_rng = random.Random(config.seed + 1)
+
+    with reporter as report:
+        while step < total_steps and not result.stopped_early:
+            order = list(range(len(train_seqs)))
+            data_rng.shuffle(order)
+            batches = [
+                [train_seqs[i] for i in order[k : k + config.batch_size]]
+                for k in range(0, len(order), config.batch_size)
+            ]
+            for group in _chunks(batches, config.gradient_accumulation_steps):
+                if step >= total_steps:
+                    break
+                t0 = time.perf_counter()
+                model.train()
+                n_labels = sum(_label_count(seq) for batch in group for seq in batch)
+                loss_sum = 0.0
+                for batch in group:
+                    inputs = {k: v.to(device) for k, v in collator(batch).items()}
+                    with autocast():
+                        logits = model(
+                            input_ids=inputs["input_ids"],
+                            position_ids=inputs["position_ids"],
+                            use_cache=False,
+                        ).logits
+                    summed = token_loss_sum(logits, inputs["labels"])
+                    # Every token weighs the same, whichever micro-batch it sits in.
+                    (summed / max(1, n_labels)).backward()
+                    loss_sum += float(summed.detach())
+                    result.tokens += sum(len(seq) for seq in batch)
+                if config.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                train_time += time.perf_counter() - t0
+                result.trained_tokens += n_labels
+                train_loss = loss_sum / max(1, n_labels)
+                result.train_losses.append((step, train_loss))
+
+                eval_loss = None
+                if eval_seqs and (step % eval_every == 0 or step == total_steps):
+                    eval_loss = held_out_loss()
+                    assert eval_loss is not None
+                    result.eval_losses.append((step, eval_loss))
+                    if best_loss is None or eval_loss < best_loss - config.early_stopping_min_delta:
+                        best_loss, bad_evals = eval_loss, 0
+                        best_state = _trainable_state(model)
+                    else:
+                        bad_evals += 1
+                        if config.early_stopping_patience and bad_evals >= config.early_stopping_patience:
+                            result.stopped_early = True
+                report(
+                    FinetuneProgress(
+                        step,
+                        total_steps,
+                        step / steps_per_epoch,
+                        train_loss,
+                        eval_loss,
+                        result.tokens / train_time if train_time else 0.0,
+                    )
+                )
+                if result.stopped_early:
+                    break
+
+    result.steps = step
+    result.train_s = train_time
+    if eval_seqs:
+        last = result.eval_losses[-1][1] if result.eval_losses else result.eval_loss_before
+        if best_state is not None and best_loss is not None and last is not None and best_loss < last:
+            _load_trainable_state(model, best_state)
+        result.eval_loss_after = best_loss if best_state is not None else last
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (model.get_base_model() if config.method == "lora" else model).config.use_cache = True  # for generation
+    model.save_pretrained(out)
+    if config.method == "full":
+        tokenizer.save_pretrained(out)
+    result.wall_s = time.perf_counter() - started
+    (out / "distillgate_training.json").write_text(
+        json.dumps(
+            {"base_model": str(base_model), "config": asdict(config), "metrics": result.metrics()},
+            indent=2,
+            default=str,
+        )
+        + "\n"
+    )
+    return result
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy over labelled positions (position t predicts label t+1)."""
+    import torch.nn.functional as F
+
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = labels[:, 1:]
+    return F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)),
+        shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+
+
+def evaluate_loss(
+    model: Any,
+    sequences: Sequence[PackedSequence],
+    collator: Collator,
+    batch_size: int,
+    device: str,
+    autocast: Callable[[], Any] = contextlib.nullcontext,
+) -> float:
+    """Mean loss per labelled token over ``sequences`` (token-weighted, not batch-weighted)."""
+    import torch
+
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for k in range(0, len(sequences), batch_size):
+            batch = list(sequences[k : k + batch_size])
+            inputs = {name: v.to(device) for name, v in collator(batch).items()}
+            with autocast():
+                logits = model(
+                    input_ids=inputs["input_ids"], position_ids=inputs["position_ids"], use_cache=False
+                ).logits
+            total += float(token_loss_sum(logits, inputs["labels"]))
+            count += sum(_label_count(seq) for seq in batch)
+    return total / max(1, count)
+
+
+def _tokenize(
+    tokenizer: Any, examples: Sequence[Conversation], config: FinetuneConfig
+) -> tuple[list[Any], int]:
+    out, dropped = [], 0
+    for example in examples:
+        tokenized = tokenize_example(tokenizer, example.messages, example.tools, turns=config.assistant_turns)
+        if len(tokenized) > config.max_seq_len or tokenized.trained_tokens == 0:
+            dropped += 1
+            continue
+        out.append(tokenized)
+    return out, dropped
+
+
+def _label_count(seq: PackedSequence) -> int:
+    # Position 0 is never a target (nothing precedes it), matching token_loss_sum's shift.
+    return sum(1 for label in seq.labels[1:] if label != IGNORE_INDEX)
+
+
+def _lr_factor(step: int, warmup: int, total: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
+    for k in range(0, len(items), max(1, size)):
+        yield items[k : k + size]
+
+
+def _seed_everything(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def _trainable_state(model: Any) -> dict[str, Any]:
+    return {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _load_trainable_state(model: Any, state: dict[str, Any]) -> None:
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in state:
+                p.copy_(state[name].to(p.device))
+
+
+class _NullReporter:
+    def __enter__(self) -> Callable[[FinetuneProgress], None]:
+        return lambda _p: None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+class _CallbackReporter:
+    def __init__(self, callback: ProgressCallback) -> None:
+        self.callback = callback
+
+    def __enter__(self) -> Callable[[FinetuneProgress], None]:
+        return self.callback
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+class _RichReporter:
+    def __init__(self, total: int) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn("[bold]fine-tuning"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeRemainingColumn(),
+        )
+        self.task = self.progress.add_task("train", total=total, info="")
+
+    def __enter__(self) -> Callable[[FinetuneProgress], None]:
+        self.progress.start()
+
+        def report(p: FinetuneProgress) -> None:
+            info = f"loss {p.train_loss:.3f}"
+            if p.eval_loss is not None:
+                info += f" · held-out {p.eval_loss:.3f}"
+            info += f" · {p.tokens_per_s:,.0f} tok/s"
+            self.progress.update(self.task, completed=p.step, info=info)
+
+        return report
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+
+def _reporter(progress: bool | ProgressCallback, total: int) -> Any:
+    if callable(progress):
+        return _CallbackReporter(progress)
+    return _RichReporter(total) if progress else _NullReporter()

@@ -1,0 +1,387 @@
+"""The scheduler that closes the loop: for each collecting task, decide when to train, train,
+evaluate offline against the untuned base and the teacher, publish, and move the task on.
+
+It runs inside the gateway (one machine) or as ``distillgate worker``. Training happens in a
+worker thread, never on the event loop, and only one training per task runs across every
+replica: a ``TrainingLock`` row whose holder renews it while it works and which expires if
+the holder dies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import delete, func, or_, update
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import col, select
+
+from gateway.store.db import Database
+from gateway.store.models import Adapter, Record, Stage, Task, TrainingLock, utcnow
+from router.policy import Policy, TaskPolicy
+from router.stages import TransitionError, transition_task
+from trainer.dataset import snapshot_examples
+from trainer.evaluate import EvalResult, evaluate_adapter
+from trainer.finetune import FinetuneConfig
+from trainer.publish import PublishError, StudentPublisher, publish_adapter
+from trainer.registry import NotEnoughData, set_adapter_status, train_task
+
+log = logging.getLogger("distillgate.scheduler")
+
+MAX_EVAL_EXAMPLES = 200
+"""Held-out prompts answered in an offline evaluation (the rest stay held out, unused)."""
+
+
+@dataclass
+class SchedulerEvent:
+    """What one pass did for one task (shown by the demo, stored in transitions)."""
+
+    task: str
+    outcome: str
+    """``shadow`` (published, now mirrored) | ``rejected`` (offline bar not met) | ``failed`` | ``skipped``."""
+    reason: str
+    numbers: dict[str, Any] = field(default_factory=dict)
+
+
+def usable_records_since(db: Database, task: str, since: Any) -> int:
+    """Teacher answers that could become training data, recorded after ``since`` (None: ever)."""
+    with db.session() as session:
+        stmt = (
+            select(func.count())
+            .select_from(Record)
+            .where(
+                Record.task == task,
+                Record.target == "teacher",
+                Record.status == 200,
+                col(Record.stored).is_(True),
+                Record.endpoint == "chat.completions",
+            )
+        )
+        if since is not None:
+            stmt = stmt.where(Record.created_at > since)
+        return int(session.exec(stmt).one())
+
+
+def due_reason(task: Task, policy: TaskPolicy, new_records: int, now: Any) -> str | None:
+    """Why ``task`` should train now, or None. Pure: the caller counts the records."""
+    if not policy.distill or not policy.train.enabled or task.paused:
+        return None
+    if new_records < policy.train.min_new_records:
+        return None
+    if (
+        task.last_trained_at is not None
+        and (now - task.last_trained_at).total_seconds() < policy.train.schedule
+    ):
+        return None
+    return f"{new_records} new teacher answers (bar {policy.train.min_new_records})"
+
+
+class TrainingLease:
+    """The per-task training lock: acquired atomically, renewed while held, expired if abandoned."""
+
+    def __init__(self, db: Database, task: str, owner: str, ttl_s: float) -> None:
+        self.db, self.task, self.owner, self.ttl_s = db, task, owner, ttl_s
+        self._stop = threading.Event()
+        self._renewer: threading.Thread | None = None
+
+    def acquire(self) -> bool:
+        now = utcnow()
+        expires = now + timedelta(seconds=self.ttl_s)
+        with self.db.session() as session:
+            taken = session.execute(
+                update(TrainingLock)
+                .where(
+                    col(TrainingLock.task) == self.task,
+                    or_(col(TrainingLock.expires_at) < now, col(TrainingLock.owner) == self.owner),
+                )
+                .values(owner=self.owner, acquired_at=now, expires_at=expires)
+            )
+            session.commit()
+            if taken.rowcount:  # type: ignore[attr-defined]
+                return self._hold()
+            try:
+                session.add(
+                    TrainingLock(task=self.task, owner=self.owner, acquired_at=now, expires_at=expires)
+                )
+                session.commit()
+            except IntegrityError:
+                session.rollback()
+                return False
+        return self._hold()
+
+    def _hold(self) -> bool:
+        self._renewer = threading.Thread(target=self._renew, name=f"lease-{self.task}", daemon=True)
+        self._renewer.start()
+        return True
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.ttl_s / 3):
+            try:
+                with self.db.session() as session:
+                    session.execute(
+                        update(TrainingLock)
+                        .where(col(TrainingLock.task) == self.task, col(TrainingLock.owner) == self.owner)
+                        .values(expires_at=utcnow() + timedelta(seconds=self.ttl_s))
+                    )
+                    session.commit()
+            except Exception:
+                log.warning("could not renew the training lock of %s", self.task)
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._renewer is not None:
+            self._renewer.join(5)
+        with self.db.session() as session:
+            session.execute(
+                delete(TrainingLock).where(
+                    col(TrainingLock.task) == self.task, col(TrainingLock.owner) == self.owner
+                )
+            )
+            session.commit()
+
+
+class Scheduler:
+    """Trains tasks when they are due and moves them collecting → training → shadow (or back)."""
+
+    def __init__(
+        self,
+        db: Database,
+        policy: Callable[[], Policy | None],
+        adapters_dir: str | Path,
+        *,
+        interval_s: float = 10.0,
+        lock_ttl_s: float = 300.0,
+        owner: str | None = None,
+        finetune_overrides: dict[str, Any] | None = None,
+        progress: bool | Callable[[Any], None] = False,
+    ) -> None:
+        self.db = db
+        self.policy = policy
+        self.adapters_dir = Path(adapters_dir)
+        self.interval_s = interval_s
+        self.lock_ttl_s = lock_ttl_s
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}"
+        self.finetune_overrides = finetune_overrides or {}
+        self.progress = progress
+        self.events: list[SchedulerEvent] = []
+        self.on_event: list[Callable[[SchedulerEvent], None]] = []
+        self.on_task: list[Callable[[Task], None]] = []
+        """Called with each task the scheduler moved (the gateway routes on it at once)."""
+        self._task: asyncio.Task[None] | None = None
+        self._busy = threading.Lock()
+
+    # -- the loop ----------------------------------------------------------------------------
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="distillgate-scheduler")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await asyncio.to_thread(self.tick)
+            except Exception:
+                log.exception("scheduler pass failed")
+            await asyncio.sleep(self.interval_s)
+
+    def tick(self) -> list[SchedulerEvent]:
+        """One pass over every task; returns what it did. Thread-safe (one pass at a time)."""
+        policy = self.policy()
+        if policy is None or policy.student is None:
+            return []
+        with self._busy:
+            with self.db.session() as session:
+                tasks = session.exec(select(Task)).all()
+            events = []
+            for task in tasks:
+                if task.stage == Stage.rolled_back.value:
+                    self._move(
+                        task.key,
+                        Stage.collecting,
+                        "collecting again after a rollback",
+                        None,
+                        expect=Stage.rolled_back,
+                    )
+                    continue
+                if task.stage != Stage.collecting.value:
+                    continue
+                tp = policy.for_task(task.key)
+                now = utcnow()
+                reason = due_reason(
+                    task, tp, usable_records_since(self.db, task.key, task.last_trained_at), now
+                )
+                if reason is not None:
+                    events.append(self.run_task(task.key, reason))
+            return events
+
+    # -- one task ----------------------------------------------------------------------------
+    def run_task(self, key: str, reason: str = "asked to train") -> SchedulerEvent:
+        """Train, evaluate and publish one task now (``distillgate train`` and the loop use this)."""
+        policy = self.policy()
+        if policy is None or policy.student is None:
+            return self._event(key, "skipped", "no student is configured in the policy")
+        lease = TrainingLease(self.db, key, self.owner, self.lock_ttl_s)
+        if not lease.acquire():
+            return self._event(key, "skipped", "another worker is training this task")
+        try:
+            moved = self._move(key, Stage.training, reason, None, expect=Stage.collecting)
+            if moved is None:
+                return self._event(key, "skipped", "the task left collecting meanwhile")
+            return self._train_and_judge(key, policy)
+        finally:
+            lease.release()
+
+    def _train_and_judge(self, key: str, policy: Policy) -> SchedulerEvent:
+        assert policy.student is not None
+        tp = policy.for_task(key)
+        base_model = policy.student.base_model
+        started = time.perf_counter()
+        try:
+            config = FinetuneConfig.from_policy(tp.train, **self.finetune_overrides)
+            trained = train_task(
+                self.db, key, tp, base_model, self.adapters_dir, config=config, progress=self.progress
+            )
+        except NotEnoughData as exc:
+            return self._back_to_collecting(key, "rejected", f"not enough data: {exc}", {})
+        except Exception as exc:
+            log.exception("training %s failed", key)
+            return self._back_to_collecting(
+                key, "failed", f"training failed: {type(exc).__name__}: {exc}", {}
+            )
+        adapter = trained.adapter
+        train_s = time.perf_counter() - started
+        _, holdout = snapshot_examples(self.db, trained.snapshot)
+        holdout = holdout[:MAX_EVAL_EXAMPLES]
+        numbers: dict[str, Any] = {
+            "adapter": adapter.name,
+            "train_examples": len(trained.selection.train),
+            "holdout_examples": len(holdout),
+            "train_s": round(train_s, 2),
+            "tokens_per_s": round(trained.result.tokens_per_s, 1)
+            if hasattr(trained.result, "tokens_per_s")
+            else None,
+            "teacher": 1.0,
+        }
+        if not holdout:
+            return self._reject(key, adapter, "no held-out teacher answers to evaluate on", numbers)
+        try:
+            kwargs = {
+                "scorer": tp.promote.scorer,
+                "pass_score": tp.promote.pass_score,
+                "max_tokens": tp.train.max_completion_tokens,
+            }
+            baseline = evaluate_adapter(base_model, None, holdout, **kwargs)
+            tuned = evaluate_adapter(base_model, adapter.path, holdout, **kwargs)
+        except Exception as exc:
+            log.exception("offline evaluation of %s failed", adapter.name)
+            return self._reject(
+                key, adapter, f"offline evaluation failed: {type(exc).__name__}: {exc}", numbers
+            )
+        numbers |= {
+            "baseline": _score(baseline),
+            "finetuned": _score(tuned),
+            "scorer": tuned.scorer,
+            "student_latency_ms_p50": round(tuned.latency_ms_p50, 2),
+        }
+        set_adapter_status(self.db, adapter.name, "trained", eval=numbers)
+        bar = tp.train.min_offline_score
+        summary = (
+            f"offline agreement on {len(holdout)} held-out teacher answers: base {numbers['baseline']:.3f}"
+            f" → fine-tuned {numbers['finetuned']:.3f} → teacher 1.000 (bar {bar:.2f})"
+        )
+        if tuned.pass_rate < bar:
+            return self._reject(key, adapter, summary, numbers)
+        try:
+            with StudentPublisher(policy.student.base_url, api_key=policy.student.api_key()) as publisher:
+                publish_adapter(
+                    self.db,
+                    publisher,
+                    _reload(self.db, adapter),
+                    adapters_dir=self.adapters_dir,
+                    adapter_root=policy.student.adapter_root,
+                )
+        except (PublishError, OSError, Exception) as exc:
+            return self._reject(
+                key, adapter, f"{summary}; publishing failed: {exc}", numbers, status="failed"
+            )
+        self._move(key, Stage.shadow, summary, numbers, adapter=adapter.name, expect=Stage.training)
+        return self._event(key, "shadow", summary, numbers)
+
+    def _reject(
+        self, key: str, adapter: Adapter, reason: str, numbers: dict[str, Any], status: str = "rejected"
+    ) -> SchedulerEvent:
+        set_adapter_status(self.db, adapter.name, status)
+        return self._back_to_collecting(key, status, reason, numbers)
+
+    def _back_to_collecting(
+        self, key: str, outcome: str, reason: str, numbers: dict[str, Any]
+    ) -> SchedulerEvent:
+        self._move(key, Stage.collecting, reason, numbers, expect=Stage.training)
+        return self._event(key, outcome, reason, numbers)
+
+    def _move(
+        self,
+        key: str,
+        to: Stage,
+        reason: str,
+        evidence: dict[str, Any] | None,
+        *,
+        expect: Stage,
+        adapter: Any = None,
+    ) -> Task | None:
+        kwargs: dict[str, Any] = {"expect_stage": expect}
+        if adapter is not None:
+            kwargs["adapter"] = adapter
+        try:
+            task = transition_task(self.db, key, to, reason, evidence, **kwargs)
+        except TransitionError as exc:
+            log.info("task %s not moved to %s: %s", key, to.value, exc)
+            return None
+        if to is Stage.training:
+            with self.db.session() as session:
+                row = session.get(Task, key)
+                if row is not None:
+                    row.last_trained_at = utcnow()
+                    session.add(row)
+                    session.commit()
+                    task = row
+        for callback in self.on_task:
+            try:
+                callback(task)
+            except Exception:
+                log.exception("task callback failed")
+        return task
+
+    def _event(
+        self, key: str, outcome: str, reason: str, numbers: dict[str, Any] | None = None
+    ) -> SchedulerEvent:
+        event = SchedulerEvent(key, outcome, reason, numbers or {})
+        self.events.append(event)
+        for callback in self.on_event:
+            try:
+                callback(event)
+            except Exception:
+                log.exception("scheduler event callback failed")
+        return event
+
+
+def _score(result: EvalResult) -> float:
+    return round(result.pass_rate, 4)
+
+
+def _reload(db: Database, adapter: Adapter) -> Adapter:
+    with db.session() as session:
+        return session.get(Adapter, adapter.name) or adapter
