@@ -10,14 +10,12 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import orjson
-from litestar import Response
-from litestar.response import Stream
 
 from gateway import sse
 from gateway.cache import cache_directive, cache_key, is_cacheable
@@ -42,6 +40,21 @@ from router.shadow import ShadowJob
 JSON = "application/json"
 TEACHER_ONLY = frozenset({Stage.collecting, Stage.training, Stage.paused, Stage.rolled_back})
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+SSE = "text/event-stream"
+
+
+@dataclass(slots=True)
+class Reply:
+    """What the pipeline answers: a whole body, or ``chunks`` to stream as they come.
+
+    Framework-neutral, so the ``/v1`` routes send it as raw ASGI messages (``gateway.api.openai``).
+    """
+
+    status: int
+    headers: dict[str, str]
+    body: bytes = b""
+    chunks: AsyncIterator[bytes] | Iterable[bytes] | None = None
+    media_type: str = JSON
 
 
 @dataclass(slots=True)
@@ -84,7 +97,7 @@ class Pipeline:
         self._background: set[asyncio.Task[None]] = set()
 
     # -- endpoints ---------------------------------------------------------------------------
-    async def chat(self, raw: bytes, headers: Mapping[str, str]) -> Response[bytes] | Stream:
+    async def chat(self, raw: bytes, headers: Mapping[str, str]) -> Reply:
         started = time.perf_counter()
         self._admit()
         try:
@@ -173,10 +186,10 @@ class Pipeline:
         ).inc()
         return None
 
-    async def completions(self, raw: bytes, headers: Mapping[str, str]) -> Response[bytes] | Stream:
+    async def completions(self, raw: bytes, headers: Mapping[str, str]) -> Reply:
         return await self._simple(raw, headers, "completions", "/completions", CompletionRequest)
 
-    async def embeddings(self, raw: bytes, headers: Mapping[str, str]) -> Response[bytes] | Stream:
+    async def embeddings(self, raw: bytes, headers: Mapping[str, str]) -> Reply:
         return await self._simple(raw, headers, "embeddings", "/embeddings", EmbeddingRequest)
 
     async def _simple(
@@ -186,7 +199,7 @@ class Pipeline:
         endpoint: str,
         path: str,
         shape: type[CompletionRequest] | type[EmbeddingRequest],
-    ) -> Response[bytes] | Stream:
+    ) -> Reply:
         started = time.perf_counter()
         self._admit()
         try:
@@ -215,7 +228,7 @@ class Pipeline:
             self.gw.in_flight -= 1
             raise
 
-    def _serve_cached(self, call: Call, hit: bytes, include_usage: bool) -> Response[bytes] | Stream:
+    def _serve_cached(self, call: Call, hit: bytes, include_usage: bool) -> Reply:
         """Answer from the cache (no upstream call); replayed as SSE when the client streams."""
         headers = {**self.headers_for(call, "cache"), "x-distillgate-cache": "hit"}
         latency = time.perf_counter() - call.started
@@ -223,16 +236,17 @@ class Pipeline:
             self._record(call, "cache", 200, latency, data=hit, cache_hit=True)
             self._observe(call, "cache", 200, latency, 0.0)
             self.gw.in_flight -= 1
-            return Response(content=hit, status_code=200, media_type=JSON, headers=headers)
+            return Reply(200, headers, hit)
         response = orjson.loads(hit)
         self._record(call, "cache", 200, latency, response=response, cache_hit=True, ttft=latency)
         self._observe(call, "cache", 200, latency, 0.0, ttft=latency)
         self.gw.in_flight -= 1
-        return Stream(
-            sse.chat_to_events(response, include_usage=include_usage),
-            status_code=200,
-            media_type="text/event-stream",
-            headers={**headers, **SSE_HEADERS},
+        return Reply(
+            200,
+            {**headers, **SSE_HEADERS},
+            # One message: a replay has nothing to wait for, and each ASGI send costs.
+            chunks=(b"".join(sse.chat_to_events(response, include_usage=include_usage)),),
+            media_type=SSE,
         )
 
     def _settle_cache(self, call: Call, status: int, answer: bytes | None) -> None:
@@ -274,9 +288,7 @@ class Pipeline:
             body["model"] = model
         return orjson.dumps(body), True
 
-    async def _forward(
-        self, call: Call, upstream: Upstream, target: str, *, include_usage: bool
-    ) -> Response[bytes] | Stream:
+    async def _forward(self, call: Call, upstream: Upstream, target: str, *, include_usage: bool) -> Reply:
         """Send ``call`` to ``upstream`` (the teacher) and answer the client; records every outcome.
 
         The caller has admitted the request (``in_flight``); this releases it when the answer
@@ -303,7 +315,7 @@ class Pipeline:
 
     async def _try_student(
         self, call: Call, upstream: Upstream, adapter: str, *, include_usage: bool
-    ) -> Response[bytes] | Stream | None:
+    ) -> Reply | None:
         """Answer from the student, or None when it fails before any byte reached the client
         (error status, timeout, junk, an empty stream): the teacher answers instead."""
         target = f"student:{adapter}"
@@ -364,7 +376,7 @@ class Pipeline:
         data: bytes | None = None,
         chunks: AsyncIterator[bytes] | None = None,
         first_chunk: bytes | None = None,
-    ) -> Response[bytes] | Stream:
+    ) -> Reply:
         headers = self.headers_for(call, target)
         if call.cache_key is not None or call.cache_lead:
             headers["x-distillgate-cache"] = "miss"
@@ -376,9 +388,11 @@ class Pipeline:
             self._settle_cache(call, answer.status, data)
             self._pair(call, target, answer.status, data, is_sse=False, latency=latency)
             self.gw.in_flight -= 1
-            return Response(content=data, status_code=answer.status, media_type=JSON, headers=headers)
-        return Stream(
-            self._relay(
+            return Reply(answer.status, headers, data)
+        return Reply(
+            answer.status,
+            {**headers, **SSE_HEADERS},
+            chunks=self._relay(
                 call,
                 answer,
                 chunks or answer.iter_chunks(),
@@ -387,9 +401,7 @@ class Pipeline:
                 upstream_started,
                 strip_usage,
             ),
-            status_code=answer.status,
-            media_type="text/event-stream",
-            headers={**headers, **SSE_HEADERS},
+            media_type=SSE,
         )
 
     async def _relay(

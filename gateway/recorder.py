@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from sqlalchemy import insert
+from sqlalchemy import JSON, insert
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
@@ -193,8 +193,14 @@ class Recorder:
             new_tasks = {row["task"] for row in rows} - self._known_tasks
             if new_tasks:
                 conn.execute(self._insert_ignore(TASK_TABLE, "key"), [{"key": t} for t in new_tasks])
-            stmt = self._insert_ignore(RECORD_TABLE, "id") if ignore_existing else insert(RECORD_TABLE)
-            conn.execute(stmt, rows)
+            if self.db.dialect == "postgresql" and not ignore_existing:
+                # COPY: a fraction of executemany's per-row Python work, and this thread shares
+                # the GIL with the event loop. A replayed record may exist already, so the spool
+                # replay takes the idempotent INSERT … ON CONFLICT DO NOTHING below.
+                _copy_rows(conn.connection.driver_connection, rows)
+            else:
+                stmt = self._insert_ignore(RECORD_TABLE, "id") if ignore_existing else insert(RECORD_TABLE)
+                conn.execute(stmt, rows)
         self._known_tasks |= {row["task"] for row in rows}
         self.written += len(rows)
         for listener in self.listeners:
@@ -358,6 +364,27 @@ class Recorder:
 def _target_label(target: str) -> str:
     """Metric label for a target: adapters are versions, so ``student:x@v3`` counts as ``student``."""
     return "student" if target.startswith("student") else target
+
+
+RECORD_COLUMNS = tuple(column.name for column in RECORD_TABLE.columns)
+_COPY_PLAN = tuple((column.name, isinstance(column.type, JSON)) for column in RECORD_TABLE.columns)
+_COPY_SQL = f"COPY {RECORD_TABLE.name} ({', '.join(RECORD_COLUMNS)}) FROM STDIN"
+
+
+def _copy_rows(connection: Any, rows: list[dict[str, Any]]) -> None:
+    """Write rows with PostgreSQL's COPY (psycopg); JSON columns go as JSON text."""
+    dumps = orjson.dumps
+    with connection.cursor() as cursor, cursor.copy(_COPY_SQL) as copy:
+        write = copy.write_row
+        for row in rows:
+            write(
+                [
+                    (None if (value := row.get(name)) is None else dumps(value).decode())
+                    if is_json
+                    else row.get(name)
+                    for name, is_json in _COPY_PLAN
+                ]
+            )
 
 
 def _row_from_json(line: bytes) -> dict[str, Any]:

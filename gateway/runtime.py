@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -144,6 +145,8 @@ class Gateway:
         # collector's full passes, which otherwise stalled requests for 60-130 ms under load.
         gc.collect()
         gc.freeze()
+        if self.settings.gil_switch_interval_s is not None:
+            sys.setswitchinterval(self.settings.gil_switch_interval_s)
         self.started = True
 
     async def start_scheduler(self) -> None:

@@ -80,6 +80,10 @@ class Settings(BaseSettings):
     """Requests served at once before new ones are shed with 503 (load shedding)."""
     shed_loop_lag_s: float = 0.5
     """Event-loop lag above which new API requests are shed with 503 (the gateway is saturated)."""
+    gil_switch_interval_s: float | None = None
+    """CPython's thread switch interval for the gateway process (``sys.setswitchinterval``; None
+    keeps CPython's 5 ms). The recorder's writer thread shares the GIL with the event loop: a
+    shorter interval bounds how long a request waits behind a batch being written."""
     shutdown_grace_s: float = 25.0
     """On SIGTERM: stop accepting, give in-flight requests and streams this long, then flush the recorder."""
     log_level: str = "INFO"

@@ -30,6 +30,8 @@ class TeacherStats:
     embeddings: int = 0
     authorizations: list[str] = field(default_factory=list)
     bodies: list[dict[str, Any]] = field(default_factory=list)
+    streams_cut: int = 0
+    """Streams that ended before their last event (the reader went away, or a scripted drop)."""
 
 
 def _words(text: str) -> int:
@@ -264,7 +266,18 @@ def create_teacher_app(teacher: ScriptedTeacher | None = None) -> Litestar:
     return app
 
 
-async def _stream(
+async def _stream(state: ScriptedTeacher, *args: Any, **kwargs: Any) -> AsyncIterator[bytes]:
+    finished = False
+    try:
+        async for chunk in _events(state, *args, **kwargs):
+            yield chunk
+        finished = True
+    finally:
+        if not finished:
+            state.stats.streams_cut += 1
+
+
+async def _events(
     state: ScriptedTeacher,
     rid: str,
     created: int,

@@ -100,7 +100,9 @@ def test_admin_routes_need_the_admin_credential(gateway: RunningGateway) -> None
 
 def test_unknown_route_and_wrong_method_are_openai_errors(http: httpx.Client) -> None:
     assert_openai_error(http.post("/nope", json={}), 404)
-    assert_openai_error(http.get("/chat/completions"), 405)
+    assert_openai_error(r := http.get("/chat/completions"), 405)
+    assert r.headers["allow"] == "POST"
+    assert_openai_error(http.put("/embeddings", json={}), 405)
 
 
 def test_bad_requests_reach_no_upstream_and_leave_no_500(

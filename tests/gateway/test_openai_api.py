@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import openai
 import orjson
@@ -272,3 +274,36 @@ def test_unreachable_teacher_is_502_openai_error(gateway: RunningGateway, teache
     assert info.value.body["type"] == "upstream_error"
     (row,) = records(gateway)
     assert row.status == 502
+
+
+def test_a_client_that_leaves_mid_stream_stops_the_teachers_stream_and_is_recorded_as_499(
+    gateway: RunningGateway, teacher
+) -> None:
+    state, _ = teacher
+    state.chunk_delay_s = 0.3  # the whole answer would take several seconds
+    body = {
+        "model": "teacher-large",
+        "messages": [{"role": "user", "content": " ".join(f"w{i}" for i in range(30))}],
+        "stream": True,
+    }
+    headers = {"Authorization": f"Bearer {gateway.key}"}
+    with (
+        httpx.Client(timeout=30) as client,
+        client.stream("POST", gateway.v1 + "/chat/completions", json=body, headers=headers) as r,
+    ):
+        request_id = r.headers["x-distillgate-request-id"]
+        events = 0
+        for line in r.iter_lines():
+            events += bool(line)
+            if events == 2:
+                break
+        left_at = time.monotonic()
+    # The gateway notices at once and closes the teacher's stream (no tokens paid for nobody).
+    deadline = time.monotonic() + 3
+    while state.stats.streams_cut == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert state.stats.streams_cut == 1 and time.monotonic() - left_at < 3
+    rows = records(gateway)
+    assert [(row.id, row.status, row.finish_reason) for row in rows] == [(request_id, 499, None)]
+    # What was relayed before the client left is kept, marked incomplete (never trained on).
+    assert rows[0].response is not None and rows[0].response["raw"].startswith("data: {")
