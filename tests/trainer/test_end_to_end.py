@@ -170,7 +170,7 @@ def test_a_student_trained_from_scratch_agrees_with_the_teacher_on_held_out_traf
         outcome = train_task(
             gw.db,
             TASK,
-            task_policy(method="full", learning_rate=3e-3, epochs=15),
+            task_policy(method="full", learning_rate=2e-3, epochs=15),
             str(tiny_model),
             tmp_path / "adapters",
         )
