@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import loadgen as lg
 import stack
+import yaml
 from rich.console import Console
 from rich.table import Table
 
@@ -180,6 +181,11 @@ def start_targets(
     dg_settings: dict[str, Any] = {}
     if args.max_in_flight:
         dg_settings["max_in_flight"] = args.max_in_flight
+    for item in args.dg_setting:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--dg-setting wants KEY=VALUE, got {item!r}")
+        dg_settings[key] = yaml.safe_load(value)
     dg_common = {
         "auth": not args.no_auth,
         "workers": args.dg_workers,
@@ -891,6 +897,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--dg-workers", type=int, default=1, help="distillgate worker processes (1, like the forwarder)"
     )
     p.add_argument("--max-in-flight", type=int, default=0, help="override distillgate's max_in_flight")
+    p.add_argument(
+        "--dg-setting",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a distillgate setting for this run (VALUE is YAML), e.g. gil_switch_interval_s=0.001; repeatable",
+    )
     p.add_argument("--no-auth", action="store_true", help="run distillgate without API keys")
     p.add_argument(
         "--gateway-src",
