@@ -63,6 +63,8 @@ def _unexpected(_: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
 async def metrics_endpoint(request: Request[Any, Any, Any]) -> Response[bytes]:
     gw: Gateway = request.app.state.gateway
     gw.metrics.recorder_queue.set(gw.recorder.depth)
+    gw.metrics.in_flight.set(gw.in_flight)
+    gw.metrics.loop_lag.set(gw.loop_lag.lag_s)
     return Response(content=gw.metrics.render(), media_type=CONTENT_TYPE)
 
 

@@ -121,6 +121,18 @@ class Metrics:
             registry=r,
             multiprocess_mode="livesum",
         )
+        self.in_flight = Gauge(
+            p + "in_flight_requests",
+            "API requests being served (admitted, answer not finished).",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.loop_lag = Gauge(
+            p + "event_loop_lag_seconds",
+            "How late the event loop runs its timers (smoothed); load is shed past shed_loop_lag_s.",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
         self.recorder_spooled = Counter(
             p + "recorder_spooled", "Records written to the spool file.", registry=r
         )

@@ -255,6 +255,9 @@ class Gateway:
     async def _refresh_tasks(self) -> None:
         while True:
             await asyncio.sleep(self.task_refresh_s)
+            # Each worker's own gauges (``/metrics`` may be served by another worker).
+            self.metrics.in_flight.set(self.in_flight)
+            self.metrics.loop_lag.set(self.loop_lag.lag_s)
             await asyncio.to_thread(self._load_tasks)
 
     async def authenticate(self, authorization: str | None) -> Caller:
