@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 import orjson
 
 from gateway import sse
@@ -444,7 +443,7 @@ class Pipeline:
                     yield out
             if pending:
                 yield pending
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except OSError as exc:  # the connection broke or went quiet (TimeoutError is an OSError)
             status, error = 502, f"The {side} stream broke off ({type(exc).__name__})."
             self.gw.metrics.upstream_errors.labels(side, "stream_broken").inc()
             yield b"data: " + error_bytes(error, "upstream_error", None, "stream_broken") + b"\n\n"

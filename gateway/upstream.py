@@ -1,8 +1,10 @@
 """The hot-path HTTP client to the teacher and the student.
 
-aiohttp, chosen by measurement (DESIGN.md): httpx's async pool collapsed at 64 connections on
-this machine while aiohttp held up. Bodies go out as the bytes we were given; answers come
-back as bytes (whole, or chunk by chunk for streams) and are never re-encoded here.
+``gateway.http1``, chosen by measurement: httpx's async pool collapsed at 64 connections on this
+machine (DESIGN.md); aiohttp held up but took a third of the gateway's GIL time under load; the
+lean protocol-level client takes a fraction of that (README, Performance). Bodies go out as the
+bytes we were given; answers come back as bytes (whole, or chunk by chunk for streams) and are
+never re-encoded here.
 """
 
 from __future__ import annotations
@@ -13,10 +15,10 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
 import orjson
 
 from gateway.errors import UpstreamError, UpstreamTimeout
+from gateway.http1 import Pool, Response
 from gateway.settings import UpstreamSettings
 
 RETRYABLE_STATUS = frozenset({500, 502, 503, 504, 529})
@@ -28,26 +30,20 @@ class UpstreamAnswer:
 
     status: int
     content_type: str
-    response: aiohttp.ClientResponse
+    response: Response
     attempts: int
     body: bytes | None = None
     headers: Mapping[str, str] = field(default_factory=dict)
 
     async def read(self) -> bytes:
         if self.body is None:
-            try:
-                self.body = await self.response.read()
-            finally:
-                self.response.release()
+            self.body = await self.response.read()
         return self.body
 
     async def iter_chunks(self) -> AsyncIterator[bytes]:
-        """Yield bytes as they arrive (no re-framing); closes the connection when done or abandoned."""
-        try:
-            async for chunk in self.response.content.iter_any():
-                yield chunk
-        finally:
-            self.response.release()
+        """Yield bytes as they arrive (no re-framing); a stream abandoned half-way closes its connection."""
+        async for chunk in self.response.iter_chunks():
+            yield chunk
 
     def close(self) -> None:
         self.response.close()
@@ -72,30 +68,16 @@ class Upstream:
         self._headers = {"Content-Type": "application/json", **(headers or {})}
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
-        self._timeout = aiohttp.ClientTimeout(
-            total=None,
-            connect=settings.connect_timeout_s,
-            sock_read=min(timeout_s or settings.read_timeout_s, settings.read_timeout_s),
+        self._get_headers = {k: v for k, v in self._headers.items() if k != "Content-Type"}
+        self.pool = Pool(
+            self.base_url,
+            max_connections=settings.max_connections,
+            connect_timeout_s=settings.connect_timeout_s,
+            read_timeout_s=min(timeout_s or settings.read_timeout_s, settings.read_timeout_s),
         )
-        self._session: aiohttp.ClientSession | None = None
-
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(
-                limit=self.settings.max_connections, limit_per_host=0, ttl_dns_cache=300, keepalive_timeout=30
-            )
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                timeout=self._timeout,
-                auto_decompress=True,
-                skip_auto_headers=("User-Agent",),
-            )
-        return self._session
 
     async def close(self) -> None:
-        if self._session is not None and not self._session.closed:
-            await self._session.close()
+        await self.pool.close()
 
     async def send(self, path: str, body: bytes, *, retries: int | None = None) -> UpstreamAnswer:
         """POST ``body`` to ``path`` and return once status and headers are in.
@@ -104,27 +86,26 @@ class Upstream:
         backoff and jitter: this is before any byte reached our client, so it is safe.
         Other statuses (4xx) are returned for the caller to pass through.
         """
-        url = self.base_url + path
         max_retries = self.settings.max_retries if retries is None else retries
         attempt = 0
         while True:
             attempt += 1
             try:
-                resp = await self.session.post(url, data=body, headers=self._headers)
+                resp = await self.pool.request("POST", path, self._headers, body)
             except TimeoutError as exc:
                 error: UpstreamError = UpstreamTimeout(f"The {self.name} did not answer in time.")
                 cause: BaseException = exc
-            except aiohttp.ClientError as exc:
+            except OSError as exc:  # refused, reset, TLS, closed mid-answer
                 error = UpstreamError(f"The {self.name} could not be reached ({type(exc).__name__}).")
                 cause = exc
             else:
                 if resp.status in RETRYABLE_STATUS and attempt <= max_retries:
-                    resp.release()
+                    resp.close()
                     await asyncio.sleep(self._backoff(attempt))
                     continue
                 return UpstreamAnswer(
                     status=resp.status,
-                    content_type=resp.headers.get("Content-Type", "application/json"),
+                    content_type=resp.headers.get("content-type", "application/json"),
                     response=resp,
                     attempts=attempt,
                     headers=resp.headers,
@@ -134,8 +115,8 @@ class Upstream:
             await asyncio.sleep(self._backoff(attempt))
 
     async def get(self, path: str) -> tuple[int, bytes]:
-        async with self.session.get(self.base_url + path, headers=self._headers) as resp:
-            return resp.status, await resp.read()
+        resp = await self.pool.request("GET", path, self._get_headers)
+        return resp.status, await resp.read()
 
     def _backoff(self, attempt: int) -> float:
         return self.settings.backoff_s * (2 ** (attempt - 1)) * (0.5 + random.random())
