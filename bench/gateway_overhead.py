@@ -77,7 +77,7 @@ class Plan:
             closed_s=args.duration or (2.0 if quick else 4.0),
             warmup_s=1.0 if quick else 2.0,
             open_s=args.open_duration or (3.0 if quick else 10.0),
-            overload_s=args.overload_duration or (4.0 if quick else 10.0),
+            overload_s=(4.0 if quick else 10.0) if args.overload_duration is None else args.overload_duration,
             stream_requests=args.stream_requests or (20 if quick else 100),
             rate=args.rate,
         )

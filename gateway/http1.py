@@ -247,8 +247,7 @@ class _Connection(asyncio.Protocol):
         assert self.transport is not None
         self.response = response = Response(self)
         self.headers_ready = self.pool.loop.create_future()
-        self.received_any = False
-        self.parser = httptools.HttpResponseParser(self)
+        self.received_any = False  # the parser is the connection's: it reads answer after answer
         self.last_read = self.pool.loop.time()
         self.timer = self.pool.loop.call_later(read_timeout_s, self._check_timeout, read_timeout_s)
         self.transport.write(data)

@@ -7,7 +7,8 @@ version named ``task@vN``; a *shadow pair* is a teacher answer beside a student 
 
 from __future__ import annotations
 
-import uuid
+import os
+import time
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
@@ -43,8 +44,7 @@ def utcnow() -> datetime:
 
 def new_id() -> str:
     """A sortable unique id: 12 hex digits of milliseconds, then 20 random hex digits."""
-    ms = int(datetime.now(UTC).timestamp() * 1000)
-    return f"{ms:012x}{uuid.uuid4().hex[:20]}"
+    return f"{time.time_ns() // 1_000_000:012x}{os.urandom(10).hex()}"
 
 
 class Stage(StrEnum):
