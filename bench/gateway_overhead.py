@@ -32,9 +32,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -356,29 +354,45 @@ def phase_open(targets: list[Target], plan: Plan) -> None:
         )
 
 
-class HealthProbe(threading.Thread):
-    """GET ``/healthz`` on a fresh connection every ``interval_s`` while the overload runs."""
+_PROBE = """
+import json, sys, time, urllib.request
+url, interval, until = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+out = []
+while time.time() < until:
+    t0 = time.perf_counter()
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            ok = resp.status == 200
+    except OSError:
+        ok = False
+    out.append((time.perf_counter() - t0) * 1000 if ok else None)
+    time.sleep(interval)
+print(json.dumps(out))
+"""
 
-    def __init__(self, url: str, interval_s: float = 0.1) -> None:
-        super().__init__(daemon=True)
-        self.url, self.interval_s = url, interval_s
+
+class HealthProbe:
+    """GET ``/healthz`` on a fresh connection every ``interval_s`` while the overload runs, from a
+    process of its own: a thread here would wait on this process's GIL, which the load
+    generator's loop holds, and measure that instead of the gateway."""
+
+    def __init__(self, url: str, seconds: float, interval_s: float = 0.1) -> None:
         self.latencies: list[float] = []
         self.failures = 0
-        self.stopping = threading.Event()
+        until = time.time() + seconds
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _PROBE, url, str(interval_s), str(until)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
 
-    def run(self) -> None:
-        while not self.stopping.is_set():
-            t0 = time.perf_counter()
-            try:
-                with urllib.request.urlopen(self.url, timeout=5) as resp:
-                    ok = resp.status == 200
-            except OSError:
-                ok = False
-            if ok:
-                self.latencies.append((time.perf_counter() - t0) * 1000)
-            else:
+    def join(self) -> None:
+        out, _ = self.proc.communicate(timeout=60)
+        for value in json.loads(out or "[]"):
+            if value is None:
                 self.failures += 1
-            self.stopping.wait(self.interval_s)
+            else:
+                self.latencies.append(value)
 
     def summary(self) -> dict[str, float]:
         values = sorted(self.latencies)
@@ -413,15 +427,13 @@ def phase_overload(target: Target, plan: Plan, max_connections: int) -> dict[str
     rows_before = db.settled_count(ok_rows)
     other_before = db.count_records(f"NOT ({ok_rows})")
     baseline = lg.run(lg.closed_loop(target.url, target.body, 1, plan.latency_s, target.headers))
-    health = HealthProbe(target.server.base_url + "/healthz")
-    health.start()
+    health = HealthProbe(target.server.base_url + "/healthz", plan.overload_s)
     rss0 = target.server.rss_mb()
     res = lg.run(
         lg.open_loop(
             target.url, target.body, rate, plan.overload_s, target.headers, max_connections=max_connections
         )
     )
-    health.stopping.set()
     health.join()
     rss1 = target.server.rss_mb()
     time.sleep(1.0)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from pathlib import Path
 
 import httpx
 
 from tests.conftest import make_policy, start_gateway
+from tests.servers import wait_until
 
 
 async def test_requests_past_capacity_are_shed_with_503_and_retry_after(
@@ -38,5 +41,43 @@ async def test_requests_past_capacity_are_shed_with_503_and_retry_after(
             server.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}
         )
         assert again.status_code == 200
+    finally:
+        server.stop()
+
+
+def test_a_saturated_event_loop_sheds_new_requests_until_it_catches_up(
+    teacher, sqlite_url: str, tmp_path: Path
+) -> None:
+    _, teacher_server = teacher
+    server, gw, key = start_gateway(sqlite_url, make_policy(teacher_server.url), tmp_path)
+    try:
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+        headers = {"Authorization": f"Bearer {key}"}
+        assert httpx.post(server.url + "/v1/chat/completions", json=body, headers=headers).status_code == 200
+        task = gw.loop_lag._task
+        assert task is not None
+        loop = task.get_loop()
+        # Keep the gateway's loop 80 ms behind (as a flood of connections would) for a while.
+        saturated = threading.Event()
+
+        def hog() -> None:
+            if not saturated.is_set():
+                time.sleep(0.08)
+                loop.call_later(0.001, hog)
+
+        loop.call_soon_threadsafe(hog)
+        wait_until(lambda: gw.loop_lag.lag_s > gw.settings.shed_loop_lag_s, timeout_s=10)
+        shed = httpx.post(server.url + "/v1/chat/completions", json=body, headers=headers, timeout=30)
+        assert shed.status_code == 503 and shed.headers["retry-after"] == "1"
+        assert shed.json()["error"]["code"] == "overloaded"
+        assert httpx.get(server.url + "/healthz", timeout=30).status_code == 200  # probes are never shed
+        saturated.set()
+        wait_until(lambda: gw.loop_lag.lag_s < gw.settings.shed_loop_lag_s / 2, timeout_s=10)
+        assert httpx.post(server.url + "/v1/chat/completions", json=body, headers=headers).status_code == 200
+        # A single stall (a GC pass) does not shed: the smoothed lag moves a fraction of it.
+        loop.call_soon_threadsafe(time.sleep, 0.2)
+        time.sleep(0.3)
+        assert gw.loop_lag.lag_s < gw.settings.shed_loop_lag_s
+        assert gw.metrics.shed._value.get() == 1
     finally:
         server.stop()
