@@ -427,7 +427,8 @@ def phase_overload(target: Target, plan: Plan, max_connections: int) -> dict[str
     rows_before = db.settled_count(ok_rows)
     other_before = db.count_records(f"NOT ({ok_rows})")
     baseline = lg.run(lg.closed_loop(target.url, target.body, 1, plan.latency_s, target.headers))
-    health = HealthProbe(target.server.base_url + "/healthz", plan.overload_s)
+    # Probes go where an orchestrator's would: distillgate's ops listener (ops_port).
+    health = HealthProbe((target.server.ops_url or target.server.base_url) + "/healthz", plan.overload_s)
     rss0 = target.server.rss_mb()
     res = lg.run(
         lg.open_loop(

@@ -96,6 +96,8 @@ class Server:
     metrics_path: str | None = None
     shutdown_s: float | None = None
     """How long the last ``stop`` took (None before; inf when it had to be killed)."""
+    ops_url: str | None = None
+    """distillgate's ops listener (probes and scrapes), when it has one."""
 
     @property
     def chat_url(self) -> str:
@@ -326,6 +328,7 @@ def start_distillgate(
     home = workdir / name
     home.mkdir(parents=True, exist_ok=True)
     port = free_port()
+    ops_port = free_port()
     policy = {
         "teacher": {"base_url": upstream.base_url + "/v1", "models": ["bench-model"]},
         "prices": {"bench-model": {"input": 2.5, "cached_input": 1.25, "output": 10.0}},
@@ -335,6 +338,7 @@ def start_distillgate(
     config: dict[str, Any] = {
         "host": "127.0.0.1",
         "port": port,
+        "ops_port": ops_port,
         "workers": workers,
         "database_url": db.url,
         "policy_file": str(home / "policy.yaml"),
@@ -367,7 +371,7 @@ def start_distillgate(
             raise RuntimeError(f"distillgate keys create failed: {out.stdout[-800:]} {out.stderr[-800:]}")
         key = json.loads(out.stdout.strip().splitlines()[-1])["key"]
         headers["authorization"] = f"Bearer {key}"
-    return spawn(
+    server = spawn(
         name,
         [exe, "serve", "--config", str(config_path)],
         port,
@@ -377,6 +381,8 @@ def start_distillgate(
         db=db,
         metrics_path="/metrics",
     )
+    server.ops_url = f"http://127.0.0.1:{ops_port}"
+    return server
 
 
 def litellm_venv(path: Path, install: bool) -> Path | None:

@@ -6,6 +6,7 @@ import importlib
 import json
 import os
 import signal
+import socket
 import tempfile
 from pathlib import Path
 from typing import Annotated, Any
@@ -71,7 +72,7 @@ def serve(
     # with the default one the drained process would die by signal (status 143) and orchestrators
     # would count a clean stop as a failure. SIGTERM before uvicorn takes over exits 0 too.
     signal.signal(signal.SIGTERM, exit_cleanly)
-    uvicorn.run(
+    config = uvicorn.Config(
         "gateway.app:app_from_environment",
         factory=True,
         host=settings.host,
@@ -85,6 +86,36 @@ def serve(
         timeout_keep_alive=30,
         backlog=4096,
     )
+    sockets = [config.bind_socket()]
+    if settings.ops_port is not None:
+        sockets.append(_ops_socket(settings.host, settings.ops_port))
+    server = uvicorn.Server(config)
+    try:
+        if settings.workers > 1:
+            from uvicorn.supervisors import Multiprocess
+
+            Multiprocess(config, sockets=sockets).run()
+        else:
+            config.load_app()
+            server.run(sockets=sockets)
+    except KeyboardInterrupt:
+        pass
+    if settings.workers == 1 and not server.started:
+        raise SystemExit(3)  # uvicorn's startup-failure status
+
+
+def _ops_socket(host: str, port: int) -> socket.socket:
+    """The ops listener: the same app on a second port whose accept queue only probes and scrapes
+    use. uvloop accepts one connection per loop turn; under a flood of new client connections
+    the API port's queue holds thousands, and a probe there would wait behind all of them."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        raise typer.BadParameter(f"cannot listen on {host}:{port} for ops_port ({exc.strerror})") from None
+    sock.set_inheritable(True)
+    return sock
 
 
 def exit_cleanly(signum: int, frame: object) -> None:

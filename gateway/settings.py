@@ -67,6 +67,10 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = 8000
+    ops_port: int | None = None
+    """A second listener (same app) for probes and ``/metrics`` scrapes: under a flood of new
+    connections on ``port`` they are still accepted at once (point liveness/readiness probes and
+    Prometheus here). None: one listener."""
     workers: int = 1
     """Server worker processes. Metrics stay correct across them (multiprocess mode)."""
     database_url: str = "sqlite:///./distillgate.db"

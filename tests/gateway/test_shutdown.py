@@ -266,3 +266,24 @@ def test_a_stream_longer_than_the_grace_period_is_cut_recorded_and_the_process_e
     # Recorded as an incomplete exchange (never trained on), with what was relayed before the cut.
     assert [(r.id, r.status, r.finish_reason) for r in rows] == [(request_id, 499, None)]
     assert rows[0].response is not None and '"content":" said:"' in rows[0].response["raw"]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_ops_port_serves_probes_and_metrics_beside_the_api_port(
+    teacher_url: str, tmp_path: Path, workers: int
+) -> None:
+    ops = free_port()
+    served = start_serve(tmp_path, teacher_url, ops_port=ops, workers=workers)
+    try:
+        ops_url = f"http://127.0.0.1:{ops}"
+        assert httpx.get(ops_url + "/healthz").json() == {"status": "ok"}
+        assert httpx.get(ops_url + "/readyz").status_code == 200
+        reply = httpx.post(served.url + "/v1/chat/completions", json=long_request("ops"), timeout=30)
+        assert reply.status_code == 200
+        metrics = httpx.get(ops_url + "/metrics").text
+        assert 'distillgate_requests_total{status="200",target="teacher",task="default"} 1.0' in metrics
+        served.proc.send_signal(signal.SIGTERM)
+        assert served.proc.wait(30) == 0
+        assert refused(ops_url) and refused(served.url)
+    finally:
+        stop(served.proc)
