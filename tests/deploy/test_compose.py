@@ -98,7 +98,8 @@ def test_gateway_waits_for_a_healthy_postgres_with_a_volume(gpu: dict[str, Any])
     assert gateway["environment"]["PGPASSWORD"] == SECRETS["POSTGRES_PASSWORD"]
     assert gateway["environment"]["TEACHER_API_KEY"] == SECRETS["TEACHER_API_KEY"]
     assert gateway["command"] == ["serve", "--config", "/etc/distillgate/config.yaml"]
-    assert gateway["healthcheck"]["test"][-1].endswith("urlopen('http://127.0.0.1:8000/readyz', timeout=2)")
+    assert gateway["healthcheck"]["test"][-1].endswith("urlopen('http://127.0.0.1:8001/readyz', timeout=2)")
+    assert load_settings(DEPLOY / "config.yaml").ops_port == 8001  # the port the healthcheck uses
     assert gateway["ports"][0]["target"] == 8000
 
 

@@ -151,6 +151,7 @@ def test_rendered_config_is_valid_gateway_settings(production_render: Rendered, 
     (tmp_path / "config.yaml").write_text(text)
     settings: Settings = load_settings(tmp_path / "config.yaml")
     assert (settings.host, settings.port, settings.workers) == ("0.0.0.0", 8000, 2)
+    assert settings.ops_port == 8001  # the container port the probes and the ServiceMonitor use
     assert str(settings.policy_file) == "/etc/distillgate/policy/policy.yaml"
     assert str(settings.adapters_dir) == ADAPTERS
     assert str(settings.recorder.spool_dir) == "/var/lib/distillgate/spool"
@@ -187,6 +188,12 @@ def test_gateway_pods_are_locked_down_and_probed(production_render: Rendered) ->
     assert {"/tmp", "/var/lib/distillgate/spool", "/etc/distillgate/policy"} <= mounts
     assert gw["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert gw["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    # Probes use the ops listener, never the API port a connection flood can fill.
+    ports = {p["name"]: p["containerPort"] for p in gw["ports"]}
+    assert ports == {"http": 8000, "ops": 8001}
+    assert {
+        gw[probe]["httpGet"]["port"] for probe in ("startupProbe", "livenessProbe", "readinessProbe")
+    } == {"ops"}
     assert gw["args"] == ["serve", "--config", "/etc/distillgate/config.yaml"]
     assert gw["resources"]["requests"]["cpu"] == "2"
 

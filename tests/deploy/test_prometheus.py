@@ -45,7 +45,7 @@ def test_scrape_jobs_cover_gateway_worker_and_student() -> None:
     config = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     assert {"distillgate-gateway", "distillgate-worker", "distillgate-student"} <= set(jobs)
-    assert jobs["distillgate-gateway"]["static_configs"][0]["targets"] == ["gateway:8000"]
+    assert jobs["distillgate-gateway"]["static_configs"][0]["targets"] == ["gateway:8001"]  # ops_port
     assert all(job.get("metrics_path", "/metrics") == "/metrics" for job in jobs.values())
 
 

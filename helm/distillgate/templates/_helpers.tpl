@@ -108,6 +108,7 @@ so the password never appears in a URL, a log line or a process listing.
 {{- $fixed := dict
   "host" "0.0.0.0"
   "port" 8000
+  "ops_port" 8001
   "policy_file" "/etc/distillgate/policy/policy.yaml"
   "adapters_dir" .Values.adaptersPath
   "shutdown_grace_s" .Values.gateway.shutdownGraceSeconds
