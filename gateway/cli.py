@@ -72,7 +72,7 @@ def serve(
     # with the default one the drained process would die by signal (status 143) and orchestrators
     # would count a clean stop as a failure. SIGTERM before uvicorn takes over exits 0 too.
     signal.signal(signal.SIGTERM, exit_cleanly)
-    config = uvicorn.Config(
+    server_config = uvicorn.Config(
         "gateway.app:app_from_environment",
         factory=True,
         host=settings.host,
@@ -86,17 +86,17 @@ def serve(
         timeout_keep_alive=30,
         backlog=4096,
     )
-    sockets = [config.bind_socket()]
+    sockets = [server_config.bind_socket()]
     if settings.ops_port is not None:
         sockets.append(_ops_socket(settings.host, settings.ops_port))
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(server_config)
     try:
         if settings.workers > 1:
             from uvicorn.supervisors import Multiprocess
 
-            Multiprocess(config, sockets=sockets).run()
+            Multiprocess(server_config, sockets=sockets).run()
         else:
-            config.load_app()
+            server_config.load_app()
             server.run(sockets=sockets)
     except KeyboardInterrupt:
         pass
