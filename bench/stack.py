@@ -318,8 +318,13 @@ def start_distillgate(
     settings: dict[str, Any] | None = None,
     policy_defaults: dict[str, Any] | None = None,
     source: Path | None = None,
+    command: list[str] | None = None,
 ) -> Server:
     """Write a settings and a policy file for ``name``, create an API key, start ``distillgate serve``.
+
+    ``command``: run this instead of ``distillgate serve`` (another ASGI server on the same app
+    factory, ``gateway.app:app_from_environment``); ``{port}`` in it is replaced, and
+    ``DISTILLGATE_CONFIG`` names the settings file.
 
     ``source``: a directory holding ``gateway/`` and ``router/`` to run instead of the installed
     ones (e.g. ``git archive HEAD gateway router | tar -x -C DIR``: the last commit, not a
@@ -354,7 +359,7 @@ def start_distillgate(
     exe = distillgate_executable()
     headers: dict[str, str] = {}
     env = {k: v for k, v in os.environ.items() if not k.startswith("DISTILLGATE_")}
-    extra_env = {"PYTHONUNBUFFERED": "1"}
+    extra_env = {"PYTHONUNBUFFERED": "1", "DISTILLGATE_CONFIG": str(config_path)}
     if source is not None:
         extra_env["PYTHONPATH"] = str(source.resolve())
     env.update(extra_env)
@@ -373,7 +378,9 @@ def start_distillgate(
         headers["authorization"] = f"Bearer {key}"
     server = spawn(
         name,
-        [exe, "serve", "--config", str(config_path)],
+        [part.replace("{port}", str(port)) for part in command]
+        if command
+        else [exe, "serve", "--config", str(config_path)],
         port,
         home,
         env=extra_env,
