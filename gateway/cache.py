@@ -156,7 +156,7 @@ class PromptCache:
     def purge_expired(self) -> int:
         """Delete expired shared entries (run periodically)."""
         with self.db.session() as session:
-            result = session.exec(delete(CacheEntry).where(CacheEntry.expires_at <= datetime.now(UTC)))  # type: ignore[call-overload]
+            result = session.exec(delete(CacheEntry).where(CacheEntry.expires_at <= datetime.now(UTC)))  # type: ignore[call-overload,arg-type]
             session.commit()
             return int(result.rowcount or 0)
 

@@ -152,7 +152,7 @@ def keys_list(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     from gateway.store.db import create_database
 
     rows = list_keys(create_database(settings_from(config).database_url))
-    data = [
+    data: list[dict[str, Any]] = [
         {
             "id": r.id,
             "name": r.name,

@@ -157,7 +157,7 @@ class Recorder:
                 markers.append(self._flushes.popleft())
             self.metrics.recorder_queue.set(len(self._pending))
             while self._pending:
-                batch = []
+                batch: list[Exchange] = []
                 while self._pending and len(batch) < self.settings.batch_size:
                     batch.append(self._pending.popleft())
                 self._write(batch)

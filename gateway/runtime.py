@@ -27,7 +27,7 @@ from router.decide import TaskState
 from router.policy import Policy
 from router.policy_store import PolicyStore
 from router.promotion import GateOutcome, Promoter
-from router.shadow import ShadowMirror
+from router.shadow import ScoredPair, ShadowMirror
 
 log = logging.getLogger("distillgate")
 
@@ -62,7 +62,7 @@ class Gateway:
             lambda p: self.metrics.shadow_score.labels(p.job.task, p.job.adapter, p.scorer).observe(p.score)
         )
         self.shadow.on_drop.append(lambda job: self.metrics.shadow_dropped.labels(job.task).inc())
-        self.shadow.on_stored.append(lambda batch: self.promoter.check_many({p.job.task for p in batch}))
+        self.shadow.on_stored.append(self._check_promotions)
         self.task_refresh_s = 1.0
         self._background: list[asyncio.Task[None]] = []
         self.in_flight = 0
@@ -73,6 +73,10 @@ class Gateway:
     @property
     def policy(self) -> Policy | None:
         return self._policy
+
+    def _check_promotions(self, batch: list[ScoredPair]) -> None:
+        """After shadow pairs are stored: run the gate for the tasks they belong to."""
+        self.promoter.check_many({pair.job.task for pair in batch})
 
     def set_policy(self, policy: Policy) -> None:
         """Swap the policy atomically; upstream pools are rebuilt only when an endpoint changed."""

@@ -16,7 +16,7 @@ from litestar.types import ASGIApp, Receive, Scope, Send
 from gateway.errors import error_bytes
 
 _BODY = error_bytes("The gateway is overloaded; retry shortly.", "server_error", None, "overloaded")
-_HEADERS = [
+_HEADERS: list[tuple[bytes, bytes]] = [
     (b"content-type", b"application/json"),
     (b"retry-after", b"1"),
     (b"content-length", str(len(_BODY)).encode()),
@@ -59,7 +59,7 @@ def shedding_middleware(app: ASGIApp) -> ASGIApp:
         if gateway.in_flight >= settings.max_in_flight or gateway.loop_lag.lag_s > settings.shed_loop_lag_s:
             gateway.metrics.shed.inc()
             await send({"type": "http.response.start", "status": 503, "headers": _HEADERS})
-            await send({"type": "http.response.body", "body": _BODY})
+            await send({"type": "http.response.body", "body": _BODY, "more_body": False})
             return
         await app(scope, receive, send)
 

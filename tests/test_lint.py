@@ -1,4 +1,4 @@
-"""The code base stays ruff-clean (lint and format), so CI catches what a reviewer would."""
+"""The code base stays ruff-clean (lint and format) and type-checks, so CI catches what a reviewer would."""
 
 from __future__ import annotations
 
@@ -21,4 +21,16 @@ def test_ruff_lint_passes() -> None:
 
 def test_ruff_format_is_applied() -> None:
     done = ruff("format", "--check", *PACKAGES)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_mypy_passes_on_the_product_packages() -> None:
+    """Types are checked where users' code runs (``[tool.mypy]`` in pyproject.toml); tests and
+    bench scripts are not type-checked yet."""
+    done = subprocess.run(
+        [sys.executable, "-m", "mypy", "gateway", "router", "trainer"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stdout + done.stderr

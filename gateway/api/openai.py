@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from litestar import Request, Response, asgi, get
 from litestar.handlers import ASGIRouteHandler
-from litestar.types import Receive, Scope, Send
+from litestar.types import HTTPScope, Receive, Scope, Send
 
 from gateway.errors import InvalidRequest, PayloadTooLarge
 from gateway.proxy import JSON, Pipeline, Reply
@@ -43,7 +43,7 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
     message = await receive()
     if message["type"] == "http.disconnect":
         raise ClientGone
-    body: bytes = message.get("body", b"")
+    body: bytes = message.get("body", b"")  # type: ignore[assignment]
     if not message.get("more_body", False):
         if len(body) > limit:
             raise PayloadTooLarge("The request body is too large.")
@@ -53,7 +53,7 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
         message = await receive()
         if message["type"] == "http.disconnect":
             raise ClientGone
-        piece = message.get("body", b"")
+        piece: bytes = message.get("body", b"")  # type: ignore[assignment]
         size += len(piece)
         if size > limit:
             raise PayloadTooLarge("The request body is too large.")
@@ -69,19 +69,19 @@ async def send_reply(reply: Reply, receive: Receive, send: Send) -> None:
     re-framed); a watcher cancels the pump when the client disconnects, so an abandoned stream
     stops costing teacher tokens and is recorded as 499.
     """
-    headers = [(b"content-type", reply.media_type.encode())]
+    headers: list[tuple[bytes, bytes]] = [(b"content-type", reply.media_type.encode())]
     headers += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in reply.headers.items()]
     if reply.chunks is None:
         headers.append((b"content-length", str(len(reply.body)).encode()))
         await send({"type": "http.response.start", "status": reply.status, "headers": headers})
-        await send({"type": "http.response.body", "body": reply.body})
+        await send({"type": "http.response.body", "body": reply.body, "more_body": False})
         return
     await send({"type": "http.response.start", "status": reply.status, "headers": headers})
     chunks = reply.chunks
     if not isinstance(chunks, AsyncIterator):
         for chunk in chunks:
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        await send({"type": "http.response.body", "body": b""})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
         return
     pump = asyncio.current_task()
     assert pump is not None
@@ -98,7 +98,7 @@ async def send_reply(reply: Reply, receive: Receive, send: Send) -> None:
     try:
         async for chunk in chunks:
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        await send({"type": "http.response.body", "body": b""})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
     except asyncio.CancelledError:
         if not gone:
             raise  # a shutdown's cancellation, not ours
@@ -115,8 +115,9 @@ def _route(path: str, method: str, summary: str, description: str) -> ASGIRouteH
     response objects: they cost more than the rest of the gateway's own work on a cache hit)."""
 
     async def handler(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["method"] != "POST":
-            raise MethodNotAllowed(f"Method {scope['method']} is not allowed here; use POST.")
+        http_method = cast("HTTPScope", scope)["method"]
+        if http_method != "POST":
+            raise MethodNotAllowed(f"Method {http_method} is not allowed here; use POST.")
         pipeline = _pipeline(scope)
         try:
             raw = await read_body(scope, receive, pipeline.gw.settings.max_body_bytes)

@@ -156,7 +156,7 @@ def run_demo(
     from gateway.app import create_app
     from gateway.auth import create_key
     from gateway.demo.teacher import ScriptedTeacher, create_teacher_app
-    from gateway.settings import Settings
+    from gateway.settings import RecorderSettings, Settings
     from gateway.store.db import Database
     from router.policy import parse_policy
     from trainer.tinymodel import build_tiny_model, conversation_texts
@@ -217,7 +217,7 @@ def run_demo(
         settings = Settings(
             database_url=f"sqlite:///{workdir / 'distillgate.db'}",
             adapters_dir=workdir / "adapters",
-            recorder={"spool_dir": workdir / "spool"},
+            recorder=RecorderSettings(spool_dir=workdir / "spool"),
             scheduler_interval_s=2.0,
             run_scheduler=True,
         )

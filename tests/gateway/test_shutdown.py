@@ -122,6 +122,10 @@ def refused(url: str) -> bool:
         httpx.get(url + "/healthz", timeout=1)
     except httpx.ConnectError:
         return True
+    except (httpx.ReadError, httpx.RemoteProtocolError):
+        # Connected in the instant the listener closed: the kernel resets what sat in its accept
+        # queue, which is a refusal too (the request never reached the application).
+        return True
     return False
 
 
