@@ -87,11 +87,11 @@ class Settings(BaseSettings):
     """Event-loop lag (smoothed) above which new API requests are shed with 503: every request is
     already waiting this long for the CPU. 64 connections at this machine's max rate stay well under
     it; a flood of thousands of connections does not (bench/gateway_overhead.py, overload phase)."""
-    gil_switch_interval_s: float | None = 0.001
+    gil_switch_interval_s: float | None = None
     """CPython's thread switch interval for the gateway process (``sys.setswitchinterval``; None
-    keeps CPython's 5 ms). The recorder's writer thread shares the GIL with the event loop: a
-    shorter interval bounds how long a request waits behind a batch being written (p99 at one
-    connection 3.8 -> 2.8 ms, open-loop p99 8.6 -> 2.8 ms in one bench run)."""
+    keeps CPython's 5 ms). A shorter one (0.001) bounds how long a request waits behind the
+    recorder's writer thread (one bench run: p99 at one connection 3.8 -> 2.8 ms), but it slowed
+    training in the same process (``run_scheduler``) 2-3x, so it is opt-in."""
     shutdown_grace_s: float = 25.0
     """On SIGTERM: stop accepting, give in-flight requests and streams this long, then flush the recorder."""
     log_level: str = "INFO"
