@@ -124,14 +124,16 @@ def test_a_disagreeing_student_never_leaves_shadow(
     adapter = s.install(disagreeing_student)
     shadow = s.gw.shadow
     answers: list[Answer] = []
-    for _ in range(5):  # in rounds that let the mirrors finish, so the evidence does not hang on
+    for _ in range(10):  # in rounds that let the mirrors finish, so the evidence does not hang on
         # the machine's speed (a mirror that finds max_concurrency busy is dropped, never queued)
-        answers += [s.ask(stream=n % 4 == 0) for n in range(40)]
+        answers += [s.ask(stream=n % 4 == 0) for n in range(20)]
         wait_until(lambda: shadow.in_flight() == 0, timeout_s=120)
     assert all(a.status == 200 and a.target == "teacher" and a.content == a.label for a in answers)
-    # Every mirror either became a stored pair or was dropped.
+    # Every mirror became a stored pair, was dropped, or failed at the student (on a loaded machine an
+    # untrained student generating to max_tokens can pass the policy's 10 s timeout).
     dropped = shadow.counters.dropped_by_task.get(TASK, 0)
-    wait_until(lambda: s.task()["pairs"] + dropped >= 200, timeout_s=30)
+    failed = shadow.counters.student_errors
+    wait_until(lambda: s.task()["pairs"] + dropped + failed >= 200, timeout_s=30)
     task = s.task()
     assert task["pairs"] >= 60  # three times min_samples of evidence, all of it failing
     assert task["stage"] == "shadow" and task["adapter"] == adapter
