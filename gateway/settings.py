@@ -83,7 +83,7 @@ class Settings(BaseSettings):
     """Largest request body accepted; larger ones get 413."""
     max_in_flight: int = 2048
     """Requests served at once before new ones are shed with 503 (load shedding)."""
-    shed_loop_lag_s: float = 0.05
+    shed_loop_lag_s: float = 0.5
     """Event-loop lag (smoothed) above which new API requests are shed with 503: every request is
     already waiting this long for the CPU. 64 connections at this machine's max rate stay well under
     it; a flood of thousands of connections does not (bench/gateway_overhead.py, overload phase)."""

@@ -49,7 +49,9 @@ def test_a_saturated_event_loop_sheds_new_requests_until_it_catches_up(
     teacher, sqlite_url: str, tmp_path: Path
 ) -> None:
     _, teacher_server = teacher
-    server, gw, key = start_gateway(sqlite_url, make_policy(teacher_server.url), tmp_path)
+    server, gw, key = start_gateway(
+        sqlite_url, make_policy(teacher_server.url), tmp_path, shed_loop_lag_s=0.05
+    )
     try:
         body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
         headers = {"Authorization": f"Bearer {key}"}
