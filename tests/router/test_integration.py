@@ -129,11 +129,9 @@ def test_a_disagreeing_student_never_leaves_shadow(
         answers += [s.ask(stream=n % 4 == 0) for n in range(20)]
         wait_until(lambda: shadow.in_flight() == 0, timeout_s=120)
     assert all(a.status == 200 and a.target == "teacher" and a.content == a.label for a in answers)
-    # Every mirror became a stored pair, was dropped, or failed at the student (on a loaded machine an
-    # untrained student generating to max_tokens can pass the policy's 10 s timeout).
-    dropped = shadow.counters.dropped_by_task.get(TASK, 0)
-    failed = shadow.counters.student_errors
-    wait_until(lambda: s.task()["pairs"] + dropped + failed >= 200, timeout_s=30)
+    # Evidence: at least three times min_samples of stored pairs (a mirror may also be dropped when
+    # max_concurrency is busy, or fail at the student on a loaded machine; neither makes a pair).
+    wait_until(lambda: s.task()["pairs"] >= 60, timeout_s=30)
     task = s.task()
     assert task["pairs"] >= 60  # three times min_samples of evidence, all of it failing
     assert task["stage"] == "shadow" and task["adapter"] == adapter
