@@ -201,12 +201,14 @@ def train_task(
     *,
     config: FinetuneConfig | None = None,
     progress: bool | ProgressCallback = False,
+    runner: Any = None,
 ) -> TrainTaskResult:
     """Records → dataset snapshot → fine-tune → ``task@vN`` in the registry.
 
     The run is recorded as ``running`` first and ``succeeded`` or ``failed`` (with the error)
     after; a failed run leaves no adapter and no directory behind. ``config`` defaults to the
     task policy's ``train`` section. Raises ``NotEnoughData`` when there is nothing to train on.
+    ``runner`` (a ``trainer.isolation`` runner) runs the fine-tuning itself, e.g. in a child process.
     """
     started = time.perf_counter()
     config = config or FinetuneConfig.from_policy(policy.train)
@@ -226,7 +228,11 @@ def train_task(
     root = Path(adapters_dir) / task_dirname(task)
     staging = root / f".run-{run.id}"
     try:
-        result = finetune(base_model, selection.train, selection.holdout, staging, config, progress=progress)
+        args = (base_model, selection.train, selection.holdout, staging, config)
+        if runner is None:
+            result = finetune(*args, progress=progress)
+        else:
+            result = runner.call(finetune, *args, progress=progress)
         envelope = StudentEnvelope.from_requests(ex.request for ex in selection.train)
         metrics = result.metrics() | {
             "dataset": selection.counts(),

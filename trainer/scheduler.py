@@ -1,9 +1,10 @@
 """The scheduler that closes the loop: for each collecting task, decide when to train, train,
 evaluate offline against the untuned base and the teacher, publish, and move the task on.
 
-It runs inside the gateway (one machine) or as ``distillgate worker``. Training happens in a
-worker thread, never on the event loop, and only one training per task runs across every
-replica: a ``TrainingLock`` row whose holder renews it while it works and which expires if
+It runs inside the gateway (one machine) or as ``distillgate worker``. Training and the
+offline evaluation run in a spawned child process (``trainer.isolation``), driven from a
+worker thread: never on the event loop, never under its interpreter lock. Only one training
+per task runs across every replica: a ``TrainingLock`` row whose holder renews it while it works and which expires if
 the holder dies.
 """
 
@@ -32,6 +33,7 @@ from router.stages import TransitionError, transition_task
 from trainer.dataset import snapshot_examples
 from trainer.evaluate import EvalResult, evaluate_adapter
 from trainer.finetune import FinetuneConfig
+from trainer.isolation import ChildProcess, Inline
 from trainer.publish import PublishError, StudentPublisher, publish_adapter
 from trainer.registry import NotEnoughData, set_adapter_status, train_task
 
@@ -163,6 +165,7 @@ class Scheduler:
         owner: str | None = None,
         finetune_overrides: dict[str, Any] | None = None,
         progress: bool | Callable[[Any], None] = False,
+        isolate: bool = True,
     ) -> None:
         self.db = db
         self.policy = policy
@@ -172,6 +175,10 @@ class Scheduler:
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}"
         self.finetune_overrides = finetune_overrides or {}
         self.progress = progress
+        self.isolate = isolate and not callable(progress)
+        """Train and evaluate in a child process (a progress callback needs this process)."""
+        self._runners: set[Inline] = set()
+        self._stopping = False
         self.events: list[SchedulerEvent] = []
         self.on_event: list[Callable[[SchedulerEvent], None]] = []
         self.on_task: list[Callable[[Task], None]] = []
@@ -184,6 +191,10 @@ class Scheduler:
         self._task = asyncio.create_task(self._loop(), name="distillgate-scheduler")
 
     async def stop(self) -> None:
+        # A training in progress is stopped, not waited for: its task goes back to collecting.
+        self._stopping = True
+        for runner in list(self._runners):
+            runner.kill()
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -245,6 +256,17 @@ class Scheduler:
             lease.release()
 
     def _train_and_judge(self, key: str, policy: Policy) -> SchedulerEvent:
+        runner = ChildProcess(f"distillgate-train-{key}") if self.isolate else Inline()
+        self._runners.add(runner)
+        try:
+            if self._stopping:
+                runner.kill()
+            return self._train_and_judge_with(key, policy, runner)
+        finally:
+            self._runners.discard(runner)
+            runner.close()
+
+    def _train_and_judge_with(self, key: str, policy: Policy, runner: Inline) -> SchedulerEvent:
         assert policy.student is not None
         tp = policy.for_task(key)
         base_model = policy.student.base_model
@@ -252,7 +274,14 @@ class Scheduler:
         try:
             config = FinetuneConfig.from_policy(tp.train, **self.finetune_overrides)
             trained = train_task(
-                self.db, key, tp, base_model, self.adapters_dir, config=config, progress=self.progress
+                self.db,
+                key,
+                tp,
+                base_model,
+                self.adapters_dir,
+                config=config,
+                progress=self.progress,
+                runner=runner,
             )
         except NotEnoughData as exc:
             return self._back_to_collecting(key, "rejected", f"not enough data: {exc}", {})
@@ -283,8 +312,8 @@ class Scheduler:
                 "pass_score": tp.promote.pass_score,
                 "max_tokens": tp.train.max_completion_tokens,
             }
-            baseline = evaluate_adapter(base_model, None, holdout, **kwargs)
-            tuned = evaluate_adapter(base_model, adapter.path, holdout, **kwargs)
+            baseline = runner.call(evaluate_adapter, base_model, None, holdout, **kwargs)
+            tuned = runner.call(evaluate_adapter, base_model, adapter.path, holdout, **kwargs)
         except Exception as exc:
             log.exception("offline evaluation of %s failed", adapter.name)
             return self._reject(
