@@ -9,11 +9,12 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PrivateAttr,
@@ -36,6 +37,21 @@ def parse_duration(value: Any) -> float:
     raise ValueError(f"not a duration: {value!r} (use e.g. 30s, 10m, 1h, 1d)")
 
 
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+"""Seconds, written as a number or as ``"30s"``, ``"10m"``, ``"1h"``, ``"1d"``."""
+
+
+def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``top`` on top, nested mappings merged key by key."""
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -53,17 +69,12 @@ class TeacherEndpoint(_Strict):
     missing from ``prices``. Clients' ``model`` fields are always passed through unchanged."""
     models: list[str] = Field(default_factory=list)
     """Models listed by ``GET /v1/models`` and passed through as asked; empty means any."""
-    timeout: float = 600.0
+    timeout: Duration = 600.0
     headers: dict[str, str] = Field(default_factory=dict)
     """Extra headers sent upstream (e.g. ``OpenAI-Organization``)."""
 
     def api_key(self) -> str | None:
         return os.environ.get(self.api_key_env) if self.api_key_env else None
-
-    @field_validator("timeout", mode="before")
-    @classmethod
-    def _dur(cls, v: Any) -> float:
-        return parse_duration(v)
 
 
 class StudentEndpoint(_Strict):
@@ -74,7 +85,7 @@ class StudentEndpoint(_Strict):
     """Hub id or local path of the base model adapters are trained on and loaded into."""
     engine: Literal["vllm", "embedded"] = "vllm"
     api_key_env: str | None = None
-    timeout: float = 60.0
+    timeout: Duration = 60.0
     """Student calls are bounded: on timeout the teacher answers instead."""
     max_context_tokens: int = 4096
     """Prompt plus completion tokens the student model can take; longer requests stay on the teacher."""
@@ -87,11 +98,6 @@ class StudentEndpoint(_Strict):
 
     def api_key(self) -> str | None:
         return os.environ.get(self.api_key_env) if self.api_key_env else None
-
-    @field_validator("timeout", mode="before")
-    @classmethod
-    def _dur(cls, v: Any) -> float:
-        return parse_duration(v)
 
 
 class Price(_Strict):
@@ -107,18 +113,13 @@ class Price(_Strict):
 
 class CachePolicy(_Strict):
     enabled: bool = True
-    ttl: float = 86400.0
+    ttl: Duration = 86400.0
     """How long an answer stays fresh (``1d``, ``30m`` …)."""
     only_deterministic: bool = True
     """Cache only requests with temperature 0 or a fixed seed (never ``n > 1``). ``false`` caches all."""
     max_entries: int = 10_000
     """Entries kept in each replica's in-process tier."""
     max_entry_bytes: int = 1_048_576
-
-    @field_validator("ttl", mode="before")
-    @classmethod
-    def _dur(cls, v: Any) -> float:
-        return parse_duration(v)
 
 
 class TrainPolicy(_Strict):
@@ -128,7 +129,7 @@ class TrainPolicy(_Strict):
     max_records: int = 20_000
     holdout: float = Field(0.1, ge=0.0, lt=1.0)
     """Share of records (by hash, stable) kept out of training for evaluation."""
-    schedule: float = 3600.0
+    schedule: Duration = 3600.0
     """Least time between two runs for a task."""
     method: Literal["lora", "full"] = "lora"
     epochs: float = 3.0
@@ -142,11 +143,6 @@ class TrainPolicy(_Strict):
     min_offline_score: float = 0.8
     """Offline agreement on held-out teacher answers needed to enter shadow."""
     max_completion_tokens: int = 512
-
-    @field_validator("schedule", mode="before")
-    @classmethod
-    def _dur(cls, v: Any) -> float:
-        return parse_duration(v)
 
 
 class ShadowPolicy(_Strict):
@@ -233,21 +229,11 @@ class Policy(_Strict):
 
 
 def _resolve(defaults: dict[str, Any], override: dict[str, Any], where: str) -> TaskPolicy:
-    merged = _deep_merge(defaults, override)
+    merged = deep_merge(defaults, override)
     try:
         return TaskPolicy.model_validate(merged)
     except ValidationError as exc:
         raise PolicyError(_explain(exc, where)) from None
-
-
-def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in top.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
 
 
 class PolicyError(ValueError):

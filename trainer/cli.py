@@ -179,16 +179,7 @@ def adapters_list(
 @dataset_app.command("build")
 def dataset_build(task: TaskOpt, config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     """Select the task's usable records into a new dataset snapshot and show what each filter dropped."""
-    from trainer.dataset import build_snapshot
-    from trainer.registry import dataset_options
-
-    settings = _settings(config)
-    policy = _policy(settings)
-    db = Database(settings.database_url)
-    try:
-        snapshot, selection = build_snapshot(db, task, dataset_options(policy.for_task(task)))
-    finally:
-        db.dispose()
+    snapshot, selection = _snapshot(task, config)
     data = {
         "dataset_id": snapshot.id,
         "task": task,
@@ -206,6 +197,20 @@ def dataset_build(task: TaskOpt, config: ConfigOpt = None, as_json: JsonOpt = Fa
     Console().print(table)
 
 
+def _snapshot(task: str, config: Path | None) -> tuple[Any, Any]:
+    """A new dataset snapshot of ``task``'s usable records, as its policy selects them."""
+    from trainer.dataset import build_snapshot
+    from trainer.registry import dataset_options
+
+    settings = _settings(config)
+    policy = _policy(settings)
+    db = Database(settings.database_url)
+    try:
+        return build_snapshot(db, task, dataset_options(policy.for_task(task)))
+    finally:
+        db.dispose()
+
+
 @dataset_app.command("export")
 def dataset_export(
     task: TaskOpt,
@@ -215,19 +220,12 @@ def dataset_export(
     as_json: JsonOpt = False,
 ) -> None:
     """Write the task's examples as OpenAI fine-tuning JSONL (a new snapshot records what was exported)."""
-    from trainer.dataset import build_snapshot, export_jsonl
-    from trainer.registry import dataset_options
+    from trainer.dataset import export_jsonl
 
     if split not in ("train", "holdout", "all"):
         console.print("[red]--split must be train, holdout or all[/red]")
         raise typer.Exit(2)
-    settings = _settings(config)
-    policy = _policy(settings)
-    db = Database(settings.database_url)
-    try:
-        snapshot, selection = build_snapshot(db, task, dataset_options(policy.for_task(task)))
-    finally:
-        db.dispose()
+    snapshot, selection = _snapshot(task, config)
     examples = {
         "train": selection.train,
         "holdout": selection.holdout,

@@ -279,6 +279,12 @@ def _completion(call: _Call, result: ChatResult) -> dict[str, Any]:
     }
 
 
+def _role_chunk(call: _Call, index: int) -> bytes:
+    """A choice's first chunk: the assistant role, no content yet (as OpenAI streams it)."""
+    delta = {"role": "assistant", "content": ""}
+    return _chunk(call, [{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}])
+
+
 def _chunk(call: _Call, choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> bytes:
     body: dict[str, Any] = {
         "id": call.id,
@@ -339,17 +345,7 @@ async def _stream(models: StudentModels, call: _Call) -> AsyncIterator[bytes]:
             if kind == "text":
                 if index not in texts:
                     texts[index], sent[index] = "", 0
-                    yield _chunk(
-                        call,
-                        [
-                            {
-                                "index": index,
-                                "delta": {"role": "assistant", "content": ""},
-                                "logprobs": None,
-                                "finish_reason": None,
-                            }
-                        ],
-                    )
+                    yield _role_chunk(call, index)
                 texts[index] += payload
                 if index in stopped_content:
                     continue
@@ -376,17 +372,7 @@ async def _stream(models: StudentModels, call: _Call) -> AsyncIterator[bytes]:
                 generation: Generation = payload
                 if index not in texts:
                     texts[index], sent[index] = "", 0
-                    yield _chunk(
-                        call,
-                        [
-                            {
-                                "index": index,
-                                "delta": {"role": "assistant", "content": ""},
-                                "logprobs": None,
-                                "finish_reason": None,
-                            }
-                        ],
-                    )
+                    yield _role_chunk(call, index)
                 message, finish = _message(generation, call.tools_active)
                 delta: dict[str, Any] = {}
                 if message["tool_calls"]:
