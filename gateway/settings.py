@@ -17,6 +17,8 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from router.policy import deep_merge
+
 
 class AuthSettings(BaseModel):
     """How callers prove who they are."""
@@ -83,15 +85,16 @@ class Settings(BaseSettings):
     """Largest request body accepted; larger ones get 413."""
     max_in_flight: int = 2048
     """Requests served at once before new ones are shed with 503 (load shedding)."""
-    shed_loop_lag_s: float = 0.5
+    shed_loop_lag_s: float = 0.1
     """Event-loop lag (smoothed) above which new API requests are shed with 503: every request is
-    already waiting this long for the CPU. 64 connections at this machine's max rate stay well under
-    it; a flood of thousands of connections does not (bench/gateway_overhead.py, overload phase)."""
-    gil_switch_interval_s: float | None = None
+    already waiting this long for the CPU. At this machine's max closed-loop rate (64 connections)
+    it stays far below; at twice the max rate it passes 0.1 s within a second (bench/gateway_overhead.py,
+    overload phase; at 0.5 s nothing was shed and clients waited seconds instead). Training runs in
+    a child process, so it does not count here."""
+    gil_switch_interval_s: float | None = 0.001
     """CPython's thread switch interval for the gateway process (``sys.setswitchinterval``; None
-    keeps CPython's 5 ms). A shorter one (0.001) bounds how long a request waits behind the
-    recorder's writer thread (one bench run: p99 at one connection 3.8 -> 2.8 ms), but it slowed
-    training in the same process (``run_scheduler``) 2-3x, so it is opt-in."""
+    keeps CPython's 5 ms). 1 ms bounds how long a request waits behind the recorder's writer
+    thread (quick bench, dg-pg: p99 at one connection 1.07 ms at 5 ms, 0.70-0.71 ms at 1 ms)."""
     shutdown_grace_s: float = 25.0
     """On SIGTERM: stop accepting, give in-flight requests and streams this long, then flush the recorder."""
     log_level: str = "INFO"
@@ -136,16 +139,6 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
             if not policy.is_absolute():
                 data["policy_file"] = Path(config_file).parent / policy
     from_env = Settings()  # only the environment; exclude_unset keeps just what it set
-    merged = _deep_merge(data, from_env.model_dump(exclude_unset=True))
-    merged = _deep_merge(merged, overrides)
+    merged = deep_merge(data, from_env.model_dump(exclude_unset=True))
+    merged = deep_merge(merged, overrides)
     return Settings(**merged)
-
-
-def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in top.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,12 @@ from gateway.settings import Settings
 from gateway.store.db import Database
 from router.policy import Policy, parse_policy
 from tests.servers import ServerThread, fresh_postgres_database, serve, wait_until
+
+# The gateways under test share this process with their clients, the stand-in servers and the
+# trainers the tests run, so their event-loop lag measures this busy test process, not overload of
+# the gateway. Lag shedding is tested on its own (tests/gateway/test_shedding.py sets its threshold);
+# elsewhere it is kept out of the way (the environment is what a deployment would set too).
+os.environ.setdefault("DISTILLGATE_SHED_LOOP_LAG_S", "1.0")
 
 TEACHER_KEY = "sk-teacher-SECRET-0123456789abcdef"
 ADMIN_KEY = "dg-admin-SECRET-fedcba9876543210"

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import httpx
 
+from gateway.settings import Settings
 from tests.conftest import make_policy, start_gateway
 from tests.servers import wait_until
 
@@ -50,7 +51,11 @@ def test_a_saturated_event_loop_sheds_new_requests_until_it_catches_up(
 ) -> None:
     _, teacher_server = teacher
     server, gw, key = start_gateway(
-        sqlite_url, make_policy(teacher_server.url), tmp_path, shed_loop_lag_s=0.05
+        sqlite_url,
+        make_policy(teacher_server.url),
+        tmp_path,
+        # the shipped default (conftest moves it out of the way for the other tests)
+        shed_loop_lag_s=Settings.model_fields["shed_loop_lag_s"].default,
     )
     try:
         body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
@@ -59,12 +64,12 @@ def test_a_saturated_event_loop_sheds_new_requests_until_it_catches_up(
         task = gw.loop_lag._task
         assert task is not None
         loop = task.get_loop()
-        # Keep the gateway's loop 80 ms behind (as a flood of connections would) for a while.
+        # Keep the gateway's loop 150 ms behind (as a flood of connections would) for a while.
         saturated = threading.Event()
 
         def hog() -> None:
             if not saturated.is_set():
-                time.sleep(0.08)
+                time.sleep(0.15)
                 loop.call_later(0.001, hog)
 
         loop.call_soon_threadsafe(hog)
