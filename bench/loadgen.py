@@ -153,8 +153,14 @@ def run_wrk(
     headers: dict[str, str] | None = None,
     threads: int = 1,
     timeout_s: float = 10.0,
+    delay_ms: int | None = None,
 ) -> LoadResult:
-    """A closed loop with wrk. Requests still in flight when the time is up are not counted."""
+    """A closed loop with wrk. Requests still in flight when the time is up are not counted.
+
+    ``delay_ms``: each connection waits about this long (uniform from half to one and a half
+    times it) between an answer and its next request (wrk's ``delay()`` hook), which paces the load at about ``connections / (delay + latency)``
+    requests/s for a fraction of the CPU a generator in Python needs at the same rate.
+    """
     with tempfile.TemporaryDirectory(prefix="dg-wrk-") as tmp:
         body_file = Path(tmp) / "body.json"
         body_file.write_bytes(body)
@@ -162,7 +168,12 @@ def run_wrk(
             f"wrk.headers[{json.dumps(k)}] = {json.dumps(v)}" for k, v in (headers or {}).items()
         )
         script = Path(tmp) / "post.lua"
-        script.write_text(_WRK_SCRIPT % {"body_file": json.dumps(str(body_file)), "headers": header_lines})
+        lua = _WRK_SCRIPT % {"body_file": json.dumps(str(body_file)), "headers": header_lines}
+        if delay_ms is not None:
+            # Uniform around the mean, so the connections do not fall into step and arrive in bursts.
+            low, high = max(0, delay_ms // 2), delay_ms + delay_ms // 2
+            lua += f"delay = function() return math.random({low}, {high}) end\n"
+        script.write_text(lua)
         cmd = [
             "wrk",
             f"-t{min(threads, connections)}",
