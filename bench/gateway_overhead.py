@@ -5,7 +5,7 @@ static upstream (``bench/upstream.py``), loaded on loopback by wrk and ``bench/l
 Phases: warm-up; latency at 1 connection (repeated, targets interleaved, so drift hits all alike);
 closed loops at 16 and 64 connections (max req/s, CPU seconds per 1k requests from /proc, RSS);
 streaming pass-through (time to first chunk and per-chunk delay against the upstream's send stamps);
-an open loop at ``--rate`` req/s; a 2x-max-rate overload of distillgate (sheds must be 429/503 and
+an open loop at ``--rate`` req/s (repeated, median p99); a 2x-max-rate overload of distillgate (sheds must be 429/503 and
 OpenAI-shaped, ``/healthz`` must answer, latency must recover, and every 2xx the clients got must
 have its row in the ``record`` table); optionally a soak at half the max rate (``--soak SECONDS``).
 It prints tables (rich) or, with ``--json``, one JSON document.
@@ -96,6 +96,8 @@ class Target:
     stream_problem: str | None = None
     """Why streaming was not measured (the smoke request failed)."""
     open: lg.LoadResult | None = None
+    """The open-loop run with the median p99 (of ``open_runs``)."""
+    open_runs: list[lg.LoadResult] = field(default_factory=list)
     open_note: str = ""
     rss_mb: float = 0.0
     overhead_ms: float | None = None
@@ -339,19 +341,29 @@ def phase_stream(targets: list[Target], plan: Plan) -> None:
 
 
 def phase_open(targets: list[Target], plan: Plan) -> None:
+    """The open loop, repeated like the other phases (targets interleaved); each target keeps the
+    run with the median p99, and all runs' p99s are reported."""
+    eligible = []
     for target in targets:
         max_rps = target.rps(max(plan.connections))
         if not max_rps >= plan.rate * 1.2:
             target.open_note = f"skipped: max {max_rps:.0f} req/s < 1.2 x {plan.rate:.0f}"
             err.print(f"  open    {target.name:10s} {target.open_note}")
             continue
-        res = lg.run(lg.open_loop(target.url, target.body, plan.rate, plan.open_s, target.headers))
-        target.open = res
-        target.account(res)
-        err.print(
-            f"  open    {target.name:10s} {plan.rate:.0f} req/s: p50 {res.p50:.3f} p99 {res.p99:.3f} "
-            f"p99.9 {res.p999:.3f} ms  (generator lag p99 {res.lag_p99:.2f} ms)  errors {res.errors}"
-        )
+        eligible.append(target)
+    for rep in range(plan.repeats):
+        for target in eligible:
+            res = lg.run(lg.open_loop(target.url, target.body, plan.rate, plan.open_s, target.headers))
+            target.open_runs.append(res)
+            target.account(res)
+            err.print(
+                f"  open    [{rep + 1}/{plan.repeats}] {target.name:10s} {plan.rate:.0f} req/s: p50 {res.p50:.3f} "
+                f"p99 {res.p99:.3f} p99.9 {res.p999:.3f} ms  (generator lag p99 {res.lag_p99:.2f} ms)  "
+                f"errors {res.errors}"
+            )
+    for target in eligible:
+        ordered = sorted(target.open_runs, key=lambda r: r.p99)
+        target.open = ordered[(len(ordered) - 1) // 2]
 
 
 _PROBE = """
@@ -634,6 +646,7 @@ def report(targets: list[Target], plan: Plan, extra: dict[str, Any], notes: list
             "non_2xx": {str(k): v for k, v in t.non_2xx.items()},
             "server_overhead_ms": t.overhead_ms,
             "open_loop": t.open.to_json() if t.open else t.open_note,
+            "open_loop_p99_runs_ms": [r.p99 for r in t.open_runs],
             "stream": t.stream,
             "noise": {
                 "p50_ms_runs": [round(r.p50, 4) for r in t.latency],
@@ -827,7 +840,8 @@ def issue_checks(rows: dict[str, dict[str, Any]], extra: dict[str, Any], plan: P
     add("added p99 at 1 conn <= 1.5 ms", f"{dg['added_p99_ms']:.3f} ms", dg["added_p99_ms"] <= 1.5)
     if isinstance(dg["open_loop"], dict):
         p99 = dg["open_loop"]["latency_ms"]["p99"]
-        add(f"open loop {plan.rate:.0f}/s p99 <= 5 ms", f"{p99:.3f} ms", p99 <= 5)
+        runs = ", ".join(f"{v:.2f}" for v in dg["open_loop_p99_runs_ms"])
+        add(f"open loop {plan.rate:.0f}/s p99 <= 5 ms", f"{p99:.3f} ms (median; runs {runs})", p99 <= 5)
     cache = rows.get("dg-cache")
     if cache and "cache_server_ms" in extra:
         p50 = extra["cache_server_ms"]["p50"]
