@@ -227,6 +227,17 @@ class Scheduler:
                         expect=Stage.rolled_back,
                     )
                     continue
+                if task.stage == Stage.training.value and self._abandoned(task.key):
+                    # Its trainer died (process killed, machine lost) before moving it on.
+                    self._move(
+                        task.key,
+                        Stage.collecting,
+                        "collecting again: its training run was interrupted (the trainer stopped"
+                        " and its lease expired)",
+                        None,
+                        expect=Stage.training,
+                    )
+                    continue
                 if task.stage != Stage.collecting.value:
                     continue
                 tp = policy.for_task(task.key)
@@ -237,6 +248,13 @@ class Scheduler:
                 if reason is not None:
                     events.append(self.run_task(task.key, reason))
             return events
+
+    def _abandoned(self, key: str) -> bool:
+        """A task in training whose lease is gone or expired: nobody is training it any more.
+        (A trainer takes the lease before it moves the task to training and frees it after.)"""
+        with self.db.session() as session:
+            lock = session.get(TrainingLock, key)
+            return lock is None or lock.expires_at < utcnow()
 
     # -- one task ----------------------------------------------------------------------------
     def run_task(self, key: str, reason: str = "asked to train") -> SchedulerEvent:

@@ -157,3 +157,36 @@ def test_one_trainer_per_task_and_a_dead_holders_lease_expires(database_url: str
         assert session.get(TrainingLock, "u").owner == "worker-c"
     taker.release()
     db.dispose()
+
+
+def test_a_task_left_in_training_by_a_dead_trainer_goes_back_to_collecting(database_url: str) -> None:
+    from router.stages import transition_task
+
+    db = Database(database_url)
+    db.migrate()
+    with db.session() as session:
+        session.add(Task(key="orphan"))
+        session.add(Task(key="busy"))
+        session.commit()
+    policy = parse_policy(
+        {
+            "teacher": {"base_url": "http://t/v1"},
+            "student": {"base_url": "http://s/v1", "base_model": "m", "engine": "embedded"},
+            "defaults": {"train": {"min_new_records": 1000}},
+        }
+    )
+    for key in ("orphan", "busy"):
+        transition_task(db, key, Stage.training, "due", expect_stage=Stage.collecting)
+    # "orphan": its trainer died, its lease expired; "busy": another worker holds a live lease.
+    with db.session() as session:
+        session.add(TrainingLock(task="orphan", owner="dead", expires_at=utcnow() - timedelta(seconds=1)))
+        session.add(TrainingLock(task="busy", owner="alive", expires_at=utcnow() + timedelta(minutes=5)))
+        session.commit()
+    scheduler = Scheduler(db, lambda: policy, "unused-adapters")
+    assert scheduler.tick() == []
+    with db.session() as session:
+        orphan, busy = session.get(Task, "orphan"), session.get(Task, "busy")
+    assert orphan is not None and orphan.stage == Stage.collecting.value
+    assert orphan.reason is not None and "interrupted" in orphan.reason
+    assert busy is not None and busy.stage == Stage.training.value
+    db.dispose()
