@@ -2,7 +2,9 @@
 
 Keys are 256-bit random tokens, so a fast hash is enough (no password stretching needed) and
 lets every request be checked without a database round trip; the ring refreshes in the
-background and looks a key up once on a miss (negative answers are remembered briefly).
+background and looks a key up once on a miss (negative answers are remembered briefly). Only
+tokens shaped like our keys are looked up, at most ``MISS_LOOKUPS_PER_S`` a second: a flood of
+made-up keys costs the database nothing (a key created moments ago is found by the next refresh).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from gateway.store.db import Database
 from gateway.store.models import ApiKey, utcnow
 
 KEY_PREFIX = "dg-"
+KEY_LENGTH = len(KEY_PREFIX) + 43  # token_urlsafe(32)
+MISS_LOOKUPS_PER_S = 10.0
 
 
 def generate_key() -> str:
@@ -79,6 +83,10 @@ class KeyRing:
         self._keys: dict[str, Caller] = {}
         self._misses: dict[str, float] = {}
         self.refresh_s = refresh_s
+        self._lookup_budget = MISS_LOOKUPS_PER_S
+        self._budget_at = time.monotonic()
+        self.lookups = 0
+        """Database lookups made for keys missing from the ring (for tests and debugging)."""
         self._task: asyncio.Task[None] | None = None
 
     def load(self) -> None:
@@ -125,8 +133,15 @@ class KeyRing:
         caller = self._keys.get(digest)
         if caller is not None:
             return caller
-        if self._misses.get(digest, 0.0) > time.monotonic():
+        now = time.monotonic()
+        if (
+            self._misses.get(digest, 0.0) > now
+            or len(token) != KEY_LENGTH
+            or not token.startswith(KEY_PREFIX)
+            or not self._may_look_up(now)
+        ):
             raise AuthenticationFailed("Incorrect API key provided.")
+        self.lookups += 1
         caller = await asyncio.to_thread(self._lookup, digest)
         if caller is None:
             if len(self._misses) > 10_000:
@@ -135,6 +150,17 @@ class KeyRing:
             raise AuthenticationFailed("Incorrect API key provided.")
         self._keys[digest] = caller
         return caller
+
+    def _may_look_up(self, now: float) -> bool:
+        """A token bucket of ``MISS_LOOKUPS_PER_S`` (burst of as many) database lookups."""
+        self._lookup_budget = min(
+            MISS_LOOKUPS_PER_S, self._lookup_budget + (now - self._budget_at) * MISS_LOOKUPS_PER_S
+        )
+        self._budget_at = now
+        if self._lookup_budget < 1.0:
+            return False
+        self._lookup_budget -= 1.0
+        return True
 
     def _lookup(self, digest: str) -> Caller | None:
         try:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import openai
 import pytest
 
 from tests.conftest import RunningGateway
+from tests.servers import wait_until
 
 
 def assert_openai_error(r: httpx.Response, status: int, param: str | None = None) -> dict:
@@ -79,6 +82,25 @@ def test_bad_or_missing_key_is_401(gateway: RunningGateway, header: str | None) 
     )
     error = assert_openai_error(r, 401)
     assert "wrong-key" not in error["message"] and "dg-nope" not in error["message"]
+
+
+def test_a_flood_of_made_up_keys_costs_the_database_almost_nothing(gateway: RunningGateway) -> None:
+    from gateway.auth import MISS_LOOKUPS_PER_S, create_key, generate_key
+
+    ring = gateway.gateway.keys
+    body = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+    before, started = ring.lookups, time.monotonic()
+    with httpx.Client(base_url=gateway.v1) as client:
+        for i in range(400):
+            token = generate_key() if i % 2 else f"sk-made-up-{i}"  # shaped like ours, or not
+            r = client.post("/chat/completions", json=body, headers={"Authorization": f"Bearer {token}"})
+            assert r.status_code == 401, r.text
+    elapsed = time.monotonic() - started
+    assert ring.lookups - before <= MISS_LOOKUPS_PER_S * (1 + elapsed) + 1
+    # A key created now still works: at once while lookups are left, else after the next refresh.
+    _, fresh = create_key(gateway.db(), "fresh")
+    with httpx.Client(base_url=gateway.v1, headers={"Authorization": f"Bearer {fresh}"}) as client:
+        wait_until(lambda: client.post("/chat/completions", json=body).status_code == 200, 15)
 
 
 def test_openai_sdk_raises_authentication_error(gateway: RunningGateway) -> None:
