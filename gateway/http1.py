@@ -7,7 +7,9 @@ per connection, responses parsed by ``httptools`` (the C parser uvicorn uses: ch
 transfer decoding included), bodies handed over as the bytes each read returned.
 
 Scope, on purpose: the requests an OpenAI-compatible upstream needs (POST/GET with a body in
-memory, no redirects, no cookies, no proxies, no compression asked for). A connection that
+memory, no redirects, no cookies, no compression asked for). An HTTP proxy is used when given
+(``proxy=``, or ``HTTPS_PROXY``/``HTTP_PROXY``/``NO_PROXY`` through ``proxy_from_environment``):
+HTTPS through a ``CONNECT`` tunnel, plain HTTP as absolute-form requests. A connection that
 was idle in the pool and fails before any byte of its answer is retried once on a fresh one:
 the server closed it between requests, so the request never ran.
 """
@@ -15,10 +17,12 @@ the server closed it between requests, so the request never ran.
 from __future__ import annotations
 
 import asyncio
+import base64
 import ssl
+import urllib.request
 from collections import deque
 from collections.abc import AsyncIterator, Mapping
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import httptools
 
@@ -28,6 +32,36 @@ PAUSE_BYTES = 1 << 20
 
 class HttpClientError(ConnectionError):
     """The connection failed or the answer was malformed."""
+
+
+def proxy_from_environment(url: str) -> str | None:
+    """The proxy the environment names for ``url`` (``HTTPS_PROXY``, ``HTTP_PROXY``, ``ALL_PROXY``,
+    any case), or None when there is none or ``NO_PROXY`` exempts the host, as curl and httpx do."""
+    parts = urlsplit(url)
+    proxies = urllib.request.getproxies()
+    proxy = proxies.get(parts.scheme) or proxies.get("all")
+    if not proxy or urllib.request.proxy_bypass(parts.netloc):
+        return None
+    return proxy if "://" in proxy else f"http://{proxy}"
+
+
+class _TunnelReply(asyncio.Protocol):
+    """Reads a proxy's answer to ``CONNECT`` (the head only: the tunnel starts right after it)."""
+
+    def __init__(self) -> None:
+        self.buffer = b""
+        self.done: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if b"\r\n\r\n" in self.buffer and not self.done.done():
+            self.done.set_result(self.buffer)
+        elif len(self.buffer) > 65536 and not self.done.done():
+            self.done.set_exception(HttpClientError("The proxy sent an oversized answer to CONNECT."))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            self.done.set_exception(HttpClientError("The proxy closed the connection during CONNECT."))
 
 
 class StaleConnection(HttpClientError):
@@ -303,6 +337,7 @@ class Pool:
         read_timeout_s: float = 600.0,
         keepalive_s: float = 30.0,
         ssl_context: ssl.SSLContext | None = None,
+        proxy: str | None = None,
     ) -> None:
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https"):
@@ -319,6 +354,19 @@ class Pool:
         self.read_timeout_s = read_timeout_s
         self.keepalive_s = keepalive_s
         self.ssl_context = ssl_context or (ssl.create_default_context() if self.tls else None)
+        self.proxy: tuple[str, int] | None = None
+        self._proxy_auth: str | None = None
+        self._target = self.prefix  # what precedes a path in the request line
+        if proxy:
+            p = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+            if p.scheme != "http":
+                raise ValueError(f"unsupported proxy scheme {p.scheme!r} (http)")
+            self.proxy = (p.hostname or "localhost", p.port or 80)
+            if p.username is not None:
+                credentials = f"{unquote(p.username)}:{unquote(p.password or '')}"
+                self._proxy_auth = "Basic " + base64.b64encode(credentials.encode()).decode()
+            if not self.tls:  # plain HTTP through a proxy: absolute-form request lines
+                self._target = f"http://{self.host_header}{self.prefix}"
         self._idle: list[_Connection] = []
         self._open: set[_Connection] = set()
         self._waiters: deque[asyncio.Future[_Connection | None]] = deque()
@@ -333,7 +381,9 @@ class Pool:
 
     def head(self, method: str, path: str, headers: Mapping[str, str], length: int | None) -> bytes:
         """The request line and headers (``headers`` names as the caller spells them)."""
-        lines = [f"{method} {self.prefix}{path} HTTP/1.1\r\nHost: {self.host_header}\r\n"]
+        lines = [f"{method} {self._target}{path} HTTP/1.1\r\nHost: {self.host_header}\r\n"]
+        if self._proxy_auth is not None and not self.tls:
+            lines.append(f"Proxy-Authorization: {self._proxy_auth}\r\n")
         lines += [f"{name}: {value}\r\n" for name, value in headers.items()]
         if length is not None:
             lines.append(f"Content-Length: {length}\r\n")
@@ -414,17 +464,47 @@ class Pool:
         self._open.add(conn)
         try:
             async with asyncio.timeout(self.connect_timeout_s):
-                await self.loop.create_connection(
-                    lambda: conn,
-                    self.host,
-                    self.port,
-                    ssl=self.ssl_context,
-                    server_hostname=self.host if self.tls else None,
-                )
+                if self.proxy is not None and self.tls:
+                    await self._tunnel(conn, *self.proxy)
+                else:
+                    host, port = self.proxy or (self.host, self.port)
+                    await self.loop.create_connection(
+                        lambda: conn,
+                        host,
+                        port,
+                        ssl=self.ssl_context if self.proxy is None else None,
+                        server_hostname=self.host if self.tls else None,
+                    )
         except BaseException:
             self.forget(conn)
             raise
         return conn
+
+    async def _tunnel(self, conn: _Connection, proxy_host: str, proxy_port: int) -> None:
+        """HTTPS through an HTTP proxy: ``CONNECT host:port``, then TLS to the origin inside it."""
+        reply = _TunnelReply()
+        transport, _ = await self.loop.create_connection(lambda: reply, proxy_host, proxy_port)
+        try:
+            authority = f"{self.host if ':' not in self.host else f'[{self.host}]'}:{self.port}"
+            lines = [f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n"]
+            if self._proxy_auth is not None:
+                lines.append(f"Proxy-Authorization: {self._proxy_auth}\r\n")
+            transport.write(("".join(lines) + "\r\n").encode("latin-1"))
+            head = await reply.done
+            status_line = head.split(b"\r\n", 1)[0].decode("latin-1", "replace")
+            fields = status_line.split(" ", 2)
+            if len(fields) < 2 or fields[1] != "200":
+                raise HttpClientError(f"The proxy refused the tunnel: {status_line[:200]}")
+            if head.index(b"\r\n\r\n") + 4 != len(head):
+                raise HttpClientError("The proxy sent bytes after its answer to CONNECT.")
+            assert self.ssl_context is not None
+            tls = await self.loop.start_tls(transport, conn, self.ssl_context, server_hostname=self.host)
+        except BaseException:
+            transport.close()
+            raise
+        if tls is None:
+            raise HttpClientError("TLS could not start inside the proxy tunnel.")
+        conn.connection_made(tls)
 
     def put_back(self, conn: _Connection) -> None:
         """A connection whose answer was read to the end: to a waiter, or to the idle list."""

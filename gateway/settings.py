@@ -58,6 +58,9 @@ class UpstreamSettings(BaseModel):
     """First retry delay; doubles each retry, with jitter."""
     max_connections: int = 1000
     """Connection pool size per upstream."""
+    trust_env: bool = True
+    """Reach the teacher and the student through the proxy that ``HTTPS_PROXY``/``HTTP_PROXY``
+    name (``NO_PROXY`` exempts hosts), as the OpenAI SDK and httpx do. ``false`` ignores them."""
 
 
 class Settings(BaseSettings):

@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 
 from gateway.errors import UpstreamError, UpstreamTimeout
-from gateway.http1 import Pool, Response
+from gateway.http1 import Pool, Response, proxy_from_environment
 from gateway.settings import UpstreamSettings
 
 RETRYABLE_STATUS = frozenset({500, 502, 503, 504, 529})
@@ -74,6 +74,7 @@ class Upstream:
             max_connections=settings.max_connections,
             connect_timeout_s=settings.connect_timeout_s,
             read_timeout_s=min(timeout_s or settings.read_timeout_s, settings.read_timeout_s),
+            proxy=proxy_from_environment(self.base_url) if settings.trust_env else None,
         )
 
     async def close(self) -> None:
