@@ -8,6 +8,7 @@ This is what ``distillgate train --task T`` calls, and the scheduler after it.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import shutil
 import time
@@ -92,8 +93,26 @@ def register_adapter(
             if target.exists():
                 shutil.rmtree(target)
             Path(staging_dir).rename(target)
+            if task_dirname(task) == task and target.parent.name == task:
+                link_by_name(target.parent.parent, adapter.name, target)
         return adapter
     raise RuntimeError(f"could not claim a version for task {task!r}")
+
+
+def link_by_name(adapters_dir: Path, name: str, target: Path) -> Path:
+    """``<adapters_dir>/<task@vN>`` → the adapter's directory (a relative link, replaced atomically).
+
+    The layout vLLM's ``lora_filesystem_resolver`` reads (``VLLM_LORA_RESOLVER_CACHE_DIR`` set
+    to the adapters directory): a replica asked for ``task@vN`` that never got the load call
+    finds it there, so every replica behind a Service serves every published adapter. The link
+    stays inside the directory, as the resolver requires of the real path.
+    """
+    link = adapters_dir / name
+    staging = adapters_dir / f".{name}.link-{os.getpid()}"
+    staging.unlink(missing_ok=True)
+    staging.symlink_to(os.path.relpath(target, adapters_dir), target_is_directory=True)
+    os.replace(staging, link)
+    return link
 
 
 def list_adapters(db: Database, task: str | None = None) -> list[Adapter]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import threading
 from pathlib import Path
 
@@ -105,6 +107,14 @@ def test_train_task_turns_records_into_a_registered_adapter(
     assert adapter.path == str(tmp_path / "adapters" / task / "v1")
     assert (Path(adapter.path) / "adapter_model.safetensors").is_file()
     assert not list((tmp_path / "adapters" / task).glob(".run-*"))  # staging moved, not copied
+    # vLLM's lora_filesystem_resolver layout: <adapters>/<task@vN>, really inside <adapters>,
+    # with the adapter_config.json that names the base model it checks.
+    by_name = tmp_path / "adapters" / adapter.name
+    assert by_name.is_symlink() and by_name.resolve() == Path(adapter.path).resolve()
+    root = (tmp_path / "adapters").resolve()
+    assert os.path.commonpath([root, by_name.resolve()]) == str(root)
+    config = json.loads((by_name / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["base_model_name_or_path"] == str(tiny_model)
     assert adapter.dataset_id == outcome.snapshot.id
     assert adapter.hyperparams["lora_rank"] == 8 and adapter.hyperparams["method"] == "lora"
     metrics = adapter.metrics
