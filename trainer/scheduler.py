@@ -94,6 +94,9 @@ class TrainingLease:
         self.db, self.task, self.owner, self.ttl_s = db, task, owner, ttl_s
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
+        self.lost = False
+        """Another holder took the lease (ours expired, e.g. the database was unreachable for a
+        whole TTL): whatever this holder trained must not be published."""
 
     def acquire(self) -> bool:
         now = utcnow()
@@ -129,7 +132,7 @@ class TrainingLease:
         while not self._stop.wait(self.ttl_s / 3):
             try:
                 with self.db.session() as session:
-                    session.execute(
+                    renewed = session.execute(
                         update(TrainingLock)
                         .where(col(TrainingLock.task) == self.task, col(TrainingLock.owner) == self.owner)
                         .values(expires_at=utcnow() + timedelta(seconds=self.ttl_s))
@@ -137,6 +140,11 @@ class TrainingLease:
                     session.commit()
             except Exception:
                 log.warning("could not renew the training lock of %s", self.task)
+                continue
+            if not renewed.rowcount:  # type: ignore[attr-defined]
+                self.lost = True
+                log.warning("the training lock of %s was taken over by another worker", self.task)
+                return
 
     def release(self) -> None:
         self._stop.set()
@@ -269,22 +277,24 @@ class Scheduler:
             moved = self._move(key, Stage.training, reason, None, expect=Stage.collecting)
             if moved is None:
                 return self._event(key, "skipped", "the task left collecting meanwhile")
-            return self._train_and_judge(key, policy)
+            return self._train_and_judge(key, policy, lease)
         finally:
             lease.release()
 
-    def _train_and_judge(self, key: str, policy: Policy) -> SchedulerEvent:
+    def _train_and_judge(self, key: str, policy: Policy, lease: TrainingLease) -> SchedulerEvent:
         runner = ChildProcess(f"distillgate-train-{key}") if self.isolate else Inline()
         self._runners.add(runner)
         try:
             if self._stopping:
                 runner.kill()
-            return self._train_and_judge_with(key, policy, runner)
+            return self._train_and_judge_with(key, policy, runner, lease)
         finally:
             self._runners.discard(runner)
             runner.close()
 
-    def _train_and_judge_with(self, key: str, policy: Policy, runner: Inline) -> SchedulerEvent:
+    def _train_and_judge_with(
+        self, key: str, policy: Policy, runner: Inline, lease: TrainingLease
+    ) -> SchedulerEvent:
         assert policy.student is not None
         tp = policy.for_task(key)
         base_model = policy.student.base_model
@@ -351,6 +361,13 @@ class Scheduler:
         )
         if tuned.pass_rate < bar:
             return self._reject(key, adapter, summary, numbers)
+        if lease.lost:
+            return self._reject(
+                key,
+                adapter,
+                f"{summary}; not published: another worker took over the training lease",
+                numbers,
+            )
         try:
             with StudentPublisher(policy.student.base_url, api_key=policy.student.api_key()) as publisher:
                 publish_adapter(

@@ -159,6 +159,33 @@ def test_one_trainer_per_task_and_a_dead_holders_lease_expires(database_url: str
     db.dispose()
 
 
+def test_a_holder_whose_lease_was_taken_over_knows_it(database_url: str) -> None:
+    import time
+
+    from sqlalchemy import update
+    from sqlmodel import col
+
+    db = Database(database_url)
+    db.migrate()
+    lease = TrainingLease(db, "t", "slow-worker", ttl_s=0.6)  # renewed every 0.2 s
+    assert lease.acquire()
+    time.sleep(0.5)
+    assert not lease.lost  # renewals keep it
+    # Its lease expired while it could not reach the database, and another worker took it.
+    with db.session() as session:
+        session.execute(update(TrainingLock).where(col(TrainingLock.task) == "t").values(owner="other"))
+        session.commit()
+    deadline = time.monotonic() + 5
+    while not lease.lost and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert lease.lost
+    lease.release()
+    with db.session() as session:
+        row = session.get(TrainingLock, "t")
+    assert row is not None and row.owner == "other"  # release leaves the new holder's row
+    db.dispose()
+
+
 def test_a_task_left_in_training_by_a_dead_trainer_goes_back_to_collecting(database_url: str) -> None:
     from router.stages import transition_task
 
