@@ -110,7 +110,7 @@ def main() -> None:
     err = Console(stderr=True)
     work = Path(tempfile.mkdtemp(prefix="dg-servers-"))
     upstream = stack.start_upstream(work, delay_ms=0.0, chunks=10, chunk_delay_ms=5.0)
-    rows = []
+    rows: list[dict[str, Any]] = []
     try:
         upstream.wait_ready()
         body = lg.chat_body()

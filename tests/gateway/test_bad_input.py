@@ -150,4 +150,5 @@ def test_feedback_attaches_to_a_record_and_unknown_ids_are_404(
     from gateway.store.models import Record
 
     with gateway.db().session() as session:
-        assert session.get(Record, rid).feedback == {"score": -1.0, "comment": "wrong"}
+        record = session.get(Record, rid)
+        assert record is not None and record.feedback == {"score": -1.0, "comment": "wrong"}

@@ -5,15 +5,31 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from typing import TypedDict
 
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam, ChatCompletionStreamOptionsParam
+from sqlmodel import col
 
 from gateway.cache import cache_key
 from tests.conftest import RunningGateway, make_policy, start_gateway
 
-ASK = {"model": "teacher-large", "messages": [{"role": "user", "content": "cache me"}], "temperature": 0}
+
+class Ask(TypedDict):
+    """The keyword arguments of a cacheable chat completion (unpacked into the SDK's ``create``)."""
+
+    model: str
+    messages: list[ChatCompletionMessageParam]
+    temperature: float
+
+
+class StreamedAsk(Ask):
+    stream_options: ChatCompletionStreamOptionsParam
+
+
+ASK: Ask = {"model": "teacher-large", "messages": [{"role": "user", "content": "cache me"}], "temperature": 0}
 
 
 def test_repeat_is_served_from_cache_without_upstream_call(gateway: RunningGateway, teacher) -> None:
@@ -32,7 +48,7 @@ def test_repeat_is_served_from_cache_without_upstream_call(gateway: RunningGatew
     from gateway.store.models import Record
 
     with gateway.db().session() as session:
-        rows = session.exec(select(Record).order_by(Record.created_at)).all()
+        rows = session.exec(select(Record).order_by(col(Record.created_at))).all()
     assert [(r.target, r.cache_hit) for r in rows] == [("teacher", False), ("cache", True)]
     assert rows[1].cost_usd == 0 and rows[1].teacher_cost_usd == rows[0].cost_usd > 0
 
@@ -40,7 +56,7 @@ def test_repeat_is_served_from_cache_without_upstream_call(gateway: RunningGatew
 def test_streamed_request_hits_cache_and_replays_a_proper_stream(gateway: RunningGateway, teacher) -> None:
     state, _ = teacher
     client = openai.OpenAI(base_url=gateway.v1, api_key=gateway.key)
-    body = {**ASK, "stream_options": {"include_usage": True}}
+    body: StreamedAsk = {**ASK, "stream_options": {"include_usage": True}}
     streamed = list(client.chat.completions.create(stream=True, **body))
     text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
     # Wait until the assembled stream is cached, then ask again, streamed and not.
@@ -53,6 +69,7 @@ def test_streamed_request_hits_cache_and_replays_a_proper_stream(gateway: Runnin
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
     assert (
         chunks[-1].usage is not None
+        and streamed[-1].usage is not None
         and chunks[-1].usage.completion_tokens == streamed[-1].usage.completion_tokens
     )
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"

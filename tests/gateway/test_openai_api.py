@@ -3,17 +3,36 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
+from typing import Any, Required, TypedDict
 
 import httpx
 import openai
 import orjson
 import pytest
-from sqlmodel import select
+from openai.types.chat import (
+    ChatCompletionMessageFunctionToolCall,
+    ChatCompletionMessageParam,
+    ChatCompletionStreamOptionsParam,
+    ChatCompletionToolUnionParam,
+)
+from sqlmodel import col, select
 
 from gateway.store.models import Record
 from tests.conftest import RunningGateway
 
-TOOLS = [
+
+class ChatArgs(TypedDict, total=False):
+    """Keyword arguments of the SDK's chat ``create`` that are also sent, as a body, straight to the teacher."""
+
+    model: Required[str]
+    messages: Required[list[ChatCompletionMessageParam]]
+    temperature: float
+    metadata: dict[str, str]
+    stream_options: ChatCompletionStreamOptionsParam
+
+
+TOOLS: list[ChatCompletionToolUnionParam] = [
     {
         "type": "function",
         "function": {
@@ -28,10 +47,10 @@ TOOLS = [
 def records(gw: RunningGateway) -> list[Record]:
     gw.flush()
     with gw.db().session() as session:
-        return list(session.exec(select(Record).order_by(Record.created_at)))
+        return list(session.exec(select(Record).order_by(col(Record.created_at))))
 
 
-def teacher_direct(teacher_url: str, body: dict) -> dict:
+def teacher_direct(teacher_url: str, body: Mapping[str, Any]) -> dict[str, Any]:
     from tests.conftest import TEACHER_KEY
 
     r = httpx.post(
@@ -43,7 +62,7 @@ def teacher_direct(teacher_url: str, body: dict) -> dict:
 def test_sync_chat_matches_teacher_and_is_recorded(gateway: RunningGateway, teacher) -> None:
     _, teacher_server = teacher
     client = openai.OpenAI(base_url=gateway.v1, api_key=gateway.key)
-    body = {
+    body: ChatArgs = {
         "model": "teacher-large",
         "messages": [
             {"role": "system", "content": "Be brief."},
@@ -57,6 +76,7 @@ def test_sync_chat_matches_teacher_and_is_recorded(gateway: RunningGateway, teac
     direct = teacher_direct(teacher_server.url, body)
     assert completion.choices[0].message.content == direct["choices"][0]["message"]["content"]
     assert completion.choices[0].finish_reason == direct["choices"][0]["finish_reason"]
+    assert completion.usage is not None
     assert completion.usage.model_dump(exclude_none=True) == {k: v for k, v in direct["usage"].items()} | {
         "prompt_tokens_details": {"cached_tokens": 0}
     }
@@ -68,6 +88,7 @@ def test_sync_chat_matches_teacher_and_is_recorded(gateway: RunningGateway, teac
     assert row.id == raw.headers["x-distillgate-request-id"]
     assert row.task == "greet" and row.target == "teacher" and row.status == 200
     assert row.request == body
+    assert row.response is not None
     assert row.response["choices"][0]["message"]["content"] == direct["choices"][0]["message"]["content"]
     assert row.finish_reason == "stop"
     assert (row.prompt_tokens, row.completion_tokens) == (
@@ -102,7 +123,7 @@ def test_non_streamed_body_is_byte_identical(gateway: RunningGateway, teacher) -
 async def test_async_streaming_assembles_same_content_and_usage(gateway: RunningGateway, teacher) -> None:
     _, teacher_server = teacher
     client = openai.AsyncOpenAI(base_url=gateway.v1, api_key=gateway.key)
-    body = {
+    body: ChatArgs = {
         "model": "teacher-large",
         "messages": [{"role": "user", "content": "stream me a few words"}],
         "stream_options": {"include_usage": True},
@@ -120,7 +141,11 @@ async def test_async_streaming_assembles_same_content_and_usage(gateway: Running
     assert finish == "stop"
     assert usage is not None and usage.completion_tokens == direct["usage"]["completion_tokens"]
     (row,) = records(gateway)
-    assert row.stream and row.response["choices"][0]["message"]["content"] == "".join(pieces)
+    assert (
+        row.stream
+        and row.response is not None
+        and row.response["choices"][0]["message"]["content"] == "".join(pieces)
+    )
     assert row.completion_tokens == usage.completion_tokens and row.ttft_ms is not None
 
 
@@ -147,7 +172,10 @@ def test_tool_call_round_trip(gateway: RunningGateway) -> None:
         tools=TOOLS,
         tool_choice="auto",
     )
-    call = completion.choices[0].message.tool_calls[0]
+    tool_calls = completion.choices[0].message.tool_calls
+    assert tool_calls is not None
+    call = tool_calls[0]
+    assert isinstance(call, ChatCompletionMessageFunctionToolCall)
     assert completion.choices[0].finish_reason == "tool_calls"
     assert call.function.name == "lookup_order"
     assert orjson.loads(call.function.arguments) == {"query": "where is order 42"}
@@ -159,14 +187,16 @@ def test_tool_call_round_trip(gateway: RunningGateway) -> None:
             stream=True,
         )
     )
-    args = "".join(
-        c.choices[0].delta.tool_calls[0].function.arguments or ""
-        for c in streamed
-        if c.choices and c.choices[0].delta.tool_calls
-    )
+    args = ""
+    for c in streamed:
+        if c.choices and c.choices[0].delta.tool_calls:
+            function = c.choices[0].delta.tool_calls[0].function
+            assert function is not None
+            args += function.arguments or ""
     assert orjson.loads(args) == {"query": "where is order 42"}
     rows = records(gateway)
     assert [r.finish_reason for r in rows] == ["tool_calls", "tool_calls"]
+    assert rows[1].response is not None and rows[0].request is not None
     assert rows[1].response["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"] == args
     assert rows[0].request["tools"] == TOOLS
 
@@ -183,9 +213,12 @@ def test_json_mode_passes_through(gateway: RunningGateway) -> None:
         user="u-1",
         stop=["\n\n"],
     )
-    assert orjson.loads(completion.choices[0].message.content) == {"answer": "give json", "length": 9}
+    content = completion.choices[0].message.content
+    assert content is not None
+    assert orjson.loads(content) == {"answer": "give json", "length": 9}
     assert len(completion.choices) == 2
     (row,) = records(gateway)
+    assert row.request is not None
     for field in ("response_format", "n", "logprobs", "top_logprobs", "user", "stop"):
         assert field in row.request
 
@@ -208,7 +241,10 @@ def test_store_false_keeps_no_content(gateway: RunningGateway) -> None:
 
 def test_task_key_sources(gateway: RunningGateway) -> None:
     client = openai.OpenAI(base_url=gateway.v1, api_key=gateway.key)
-    msgs = [{"role": "system", "content": "Classify  the email."}, {"role": "user", "content": "hi"}]
+    msgs: list[ChatCompletionMessageParam] = [
+        {"role": "system", "content": "Classify  the email."},
+        {"role": "user", "content": "hi"},
+    ]
     a = client.chat.completions.with_raw_response.create(model="m", messages=msgs)
     b = client.chat.completions.with_raw_response.create(
         model="m",
@@ -250,6 +286,7 @@ def test_upstream_4xx_comes_back_with_its_status(gateway: RunningGateway, status
     with pytest.raises(openai.APIStatusError) as info:
         client.chat.completions.create(model="m", messages=[{"role": "user", "content": f"!error {status}"}])
     assert info.value.status_code == status
+    assert isinstance(info.value.body, dict)
     assert info.value.body["message"] == f"Scripted error {status}."
     (row,) = records(gateway)
     assert row.status == status and row.error == f"Scripted error {status}."
@@ -271,6 +308,7 @@ def test_unreachable_teacher_is_502_openai_error(gateway: RunningGateway, teache
     with pytest.raises(openai.APIStatusError) as info:
         client.chat.completions.create(model="m", messages=[{"role": "user", "content": "anyone?"}])
     assert info.value.status_code == 502
+    assert isinstance(info.value.body, dict)
     assert info.value.body["type"] == "upstream_error"
     (row,) = records(gateway)
     assert row.status == 502

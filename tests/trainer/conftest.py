@@ -29,7 +29,7 @@ INTENTS = {
     "spam": ["winner", "prize", "lottery", "free", "offer"],
 }
 FILLER = ["please", "hello", "today", "account", "team", "thanks", "urgent", "my", "the", "about"]
-WEATHER_TOOL = {
+WEATHER_TOOL: dict[str, Any] = {
     "type": "function",
     "function": {
         "name": "get_weather",
@@ -135,7 +135,7 @@ def weather_records(task: str, n: int, *, base_time: datetime | None = None) -> 
 
 def corpus_texts() -> list[str]:
     rng = random.Random(1)
-    conversations = []
+    conversations: list[dict[str, Any]] = []
     for i in range(200):
         email, label = intent_email(i, rng)
         conversations.append(

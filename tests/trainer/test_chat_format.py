@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from transformers import AutoTokenizer
 
@@ -51,7 +52,7 @@ def test_broken_calls_stay_text() -> None:
 
 
 def test_template_messages_normalise_content_and_arguments() -> None:
-    messages = [
+    messages: list[dict[str, Any]] = [
         {
             "role": "user",
             "content": [
@@ -76,7 +77,7 @@ def test_rendering_does_not_depend_on_how_the_teacher_spaced_arguments(tiny_mode
 
     def render(arguments: str) -> str:
         call = {"id": "c", "type": "function", "function": {"name": "get_weather", "arguments": arguments}}
-        messages = [
+        messages: list[dict[str, Any]] = [
             {"role": "user", "content": "weather?"},
             {"role": "assistant", "content": None, "tool_calls": [call]},
         ]

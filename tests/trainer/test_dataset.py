@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from gateway.store.db import Database
-from gateway.store.models import DatasetSnapshot
+from gateway.store.models import DatasetSnapshot, Record
 from tests.trainer.conftest import (
     INTENT_SYSTEM,
     WEATHER_TOOL,
@@ -40,7 +41,7 @@ def user(text: str) -> list[dict[str, str]]:
     return [{"role": "system", "content": INTENT_SYSTEM}, {"role": "user", "content": text}]
 
 
-def good(text: str = "hello", answer: str = "billing", **fields: object):  # type: ignore[no-untyped-def]
+def good(text: str = "hello", answer: str = "billing", **fields: Any) -> Record:
     return make_record("intent", user(text), chat_response(answer), **fields)
 
 
@@ -65,7 +66,7 @@ OPTIONS = DatasetOptions(holdout=0.0)
         ({"feedback": {"exclude": True}}, "negative_feedback"),
     ],
 )
-def test_each_filter_drops_its_records(fields: dict[str, object], reason: str) -> None:
+def test_each_filter_drops_its_records(fields: dict[str, Any], reason: str) -> None:
     assert rejection(good(**fields), OPTIONS) == reason
     selection = select_examples([good(**fields)], OPTIONS)
     assert selection.train == [] and selection.dropped[reason] == 1

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import openai
+from openai.types.chat import ChatCompletionMessageParam
 
 from gateway.demo.teacher import ScriptedTeacher, last_user_text
 from gateway.store.models import Task
@@ -31,6 +32,11 @@ def intent_teacher(body: dict[str, Any]) -> dict[str, Any] | None:
     return {"role": "assistant", "content": label}
 
 
+def openai_messages(messages: list[dict[str, Any]]) -> list[ChatCompletionMessageParam]:
+    """Recorded messages as the SDK types them: they are OpenAI messages, which the dataset keeps as dicts."""
+    return cast(list[ChatCompletionMessageParam], messages)
+
+
 def send_traffic(base_url: str, key: str, n: int) -> list[str]:
     """``n`` labelled emails through the gateway (a quarter streamed), plus two opted-out ones and a repeat."""
     client = openai.OpenAI(base_url=base_url, api_key=key, max_retries=0)
@@ -38,11 +44,14 @@ def send_traffic(base_url: str, key: str, n: int) -> list[str]:
     emails = []
     for i in range(n):
         email, label = intent_email(i, rng)
-        messages = [{"role": "system", "content": INTENT_SYSTEM}, {"role": "user", "content": email}]
+        messages: list[ChatCompletionMessageParam] = [
+            {"role": "system", "content": INTENT_SYSTEM},
+            {"role": "user", "content": email},
+        ]
         if i % 4 == 0:
             chunks = client.chat.completions.create(
                 model="teacher-large",
-                messages=messages,  # type: ignore[arg-type]
+                messages=messages,
                 metadata={"task": TASK},
                 temperature=0,
                 stream=True,
@@ -52,7 +61,7 @@ def send_traffic(base_url: str, key: str, n: int) -> list[str]:
             answer = (
                 client.chat.completions.create(
                     model="teacher-large",
-                    messages=messages,  # type: ignore[arg-type]
+                    messages=messages,
                     metadata={"task": TASK},
                     temperature=0,
                 )
@@ -126,13 +135,14 @@ def test_recorded_traffic_becomes_a_served_lora_adapter(
     with db.session() as session:
         task_row = session.get(Task, TASK)
     assert task_row is not None and task_row.features == adapter.metrics["features"]
-    assert task_row.features["models"] == ["teacher-large"]
+    assert task_row.features is not None and task_row.features["models"] == ["teacher-large"]
 
     _, holdout = snapshot_examples(db, outcome.snapshot)
+    prompt = openai_messages(holdout[0].prompt_messages)
     client = openai.OpenAI(base_url=student.url + "/v1", api_key="unused", max_retries=0)
     reply = client.chat.completions.create(
         model=adapter.name,
-        messages=holdout[0].prompt_messages,  # type: ignore[arg-type]
+        messages=prompt,
         temperature=0,
         max_tokens=4,
     )
@@ -142,9 +152,9 @@ def test_recorded_traffic_becomes_a_served_lora_adapter(
         c.choices[0].delta.content or ""
         for c in client.chat.completions.create(
             model=adapter.name,
-            messages=holdout[0].prompt_messages,
+            messages=prompt,
             temperature=0,
-            max_tokens=4,  # type: ignore[arg-type]
+            max_tokens=4,
             stream=True,
         )
         if c.choices
@@ -185,7 +195,7 @@ def test_a_student_trained_from_scratch_agrees_with_the_teacher_on_held_out_traf
     for example in holdout:
         reply = client.chat.completions.create(
             model=outcome.adapter.name,
-            messages=example.prompt_messages,  # type: ignore[arg-type]
+            messages=openai_messages(example.prompt_messages),
             temperature=0,
             max_tokens=4,
         )

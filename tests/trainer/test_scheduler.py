@@ -154,7 +154,8 @@ def test_one_trainer_per_task_and_a_dead_holders_lease_expires(database_url: str
     taker = TrainingLease(db, "u", "worker-c", ttl_s=30)
     assert taker.acquire()
     with db.session() as session:
-        assert session.get(TrainingLock, "u").owner == "worker-c"
+        lock = session.get(TrainingLock, "u")
+        assert lock is not None and lock.owner == "worker-c"
     taker.release()
     db.dispose()
 

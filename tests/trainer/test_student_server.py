@@ -11,16 +11,23 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam, ChatCompletionToolUnionParam
 
 from tests.servers import ServerThread, serve
 from tests.trainer.conftest import INTENT_SYSTEM, WEATHER_TOOL
 from trainer.generation import StudentModels
 from trainer.student_server import create_student_app
 
-WEATHER_PROMPT = [{"role": "user", "content": "What is the weather in Paris? (request 0)"}]
-INTENT_PROMPT = [
+WEATHER_PROMPT: list[ChatCompletionMessageParam] = [
+    {"role": "user", "content": "What is the weather in Paris? (request 0)"}
+]
+INTENT_PROMPT: list[ChatCompletionMessageParam] = [
     {"role": "system", "content": INTENT_SYSTEM},
     {"role": "user", "content": "refund my invoice"},
+]
+# The same tool as the SDK types it (the trainer's helpers take plain dicts).
+WEATHER_TOOLS: list[ChatCompletionToolUnionParam] = [
+    {"type": "function", "function": WEATHER_TOOL["function"]}
 ]
 
 
@@ -182,8 +189,9 @@ def test_sampling_seed_n_and_logprobs(client: openai.OpenAI, loaded: dict[str, s
     r = client.chat.completions.create(
         model="tiny-base", messages=INTENT_PROMPT, max_tokens=3, temperature=0, logprobs=True, top_logprobs=2
     )
-    content = r.choices[0].logprobs.content  # type: ignore[union-attr]
-    assert content and len(content) == r.usage.completion_tokens  # type: ignore[union-attr]
+    assert r.choices[0].logprobs is not None and r.usage is not None
+    content = r.choices[0].logprobs.content
+    assert content and len(content) == r.usage.completion_tokens
     for entry in content:
         assert entry.logprob <= 0 and len(entry.top_logprobs) == 2
         assert entry.top_logprobs[0].logprob >= entry.logprob - 1e-6  # greedy picks the most likely token
@@ -191,12 +199,8 @@ def test_sampling_seed_n_and_logprobs(client: openai.OpenAI, loaded: dict[str, s
 
 def test_a_full_model_answers_with_tool_calls(client: openai.OpenAI, loaded: dict[str, str]) -> None:
     r = client.chat.completions.create(
-        model="weather@v1",
-        messages=WEATHER_PROMPT,  # type: ignore[arg-type]
-        tools=[WEATHER_TOOL],
-        temperature=0,
-        max_tokens=40,
-    )  # type: ignore[list-item]
+        model="weather@v1", messages=WEATHER_PROMPT, tools=WEATHER_TOOLS, temperature=0, max_tokens=40
+    )
     choice = r.choices[0]
     assert choice.finish_reason == "tool_calls" and choice.message.content is None
     (call,) = choice.message.tool_calls or []
@@ -206,9 +210,9 @@ def test_a_full_model_answers_with_tool_calls(client: openai.OpenAI, loaded: dic
     chunks = list(
         client.chat.completions.create(
             model="weather@v1",
-            messages=WEATHER_PROMPT,  # type: ignore[arg-type]
-            tools=[WEATHER_TOOL],
-            temperature=0,  # type: ignore[list-item]
+            messages=WEATHER_PROMPT,
+            tools=WEATHER_TOOLS,
+            temperature=0,
             max_tokens=40,
             stream=True,
         )
@@ -232,9 +236,9 @@ def test_a_full_model_answers_with_tool_calls(client: openai.OpenAI, loaded: dic
 def test_stop_strings_end_the_answer(client: openai.OpenAI, loaded: dict[str, str]) -> None:
     r = client.chat.completions.create(
         model="weather@v1",
-        messages=WEATHER_PROMPT,  # type: ignore[arg-type]
-        tools=[WEATHER_TOOL],
-        temperature=0,  # type: ignore[list-item]
+        messages=WEATHER_PROMPT,
+        tools=WEATHER_TOOLS,
+        temperature=0,
         max_tokens=40,
         stop=["get_"],
     )
@@ -247,7 +251,9 @@ def test_adapters_do_not_interfere(client: openai.OpenAI, loaded: dict[str, str]
         r = client.chat.completions.create(
             model=model, messages=WEATHER_PROMPT, max_tokens=1, temperature=0, logprobs=True
         )
-        return r.choices[0].logprobs.content[0].logprob  # type: ignore[union-attr,index]
+        logprobs = r.choices[0].logprobs
+        assert logprobs is not None and logprobs.content is not None
+        return logprobs.content[0].logprob
 
     models = ["tiny-base", "intent@v1", "weather@v1"]
     alone = {m: first_logprob(m) for m in models}
