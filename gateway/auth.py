@@ -83,6 +83,7 @@ class KeyRing:
         self._keys: dict[str, Caller] = {}
         self._misses: dict[str, float] = {}
         self.refresh_s = refresh_s
+        self._inflight: dict[str, asyncio.Future[Caller | None]] = {}
         self._lookup_budget = MISS_LOOKUPS_PER_S
         self._budget_at = time.monotonic()
         self.lookups = 0
@@ -133,16 +134,24 @@ class KeyRing:
         caller = self._keys.get(digest)
         if caller is not None:
             return caller
-        now = time.monotonic()
-        if (
-            self._misses.get(digest, 0.0) > now
-            or len(token) != KEY_LENGTH
-            or not token.startswith(KEY_PREFIX)
-            or not self._may_look_up(now)
-        ):
-            raise AuthenticationFailed("Incorrect API key provided.")
-        self.lookups += 1
-        caller = await asyncio.to_thread(self._lookup, digest)
+        pending = self._inflight.get(digest)
+        if pending is not None:  # the same new key, asked for at once: one lookup serves all
+            try:
+                caller = await asyncio.shield(pending)
+            except asyncio.CancelledError:
+                if not pending.cancelled():
+                    raise  # this request was cancelled, not the lookup
+                caller = await self._look_up_once(digest)  # its first asker left mid-lookup
+        else:
+            now = time.monotonic()
+            if (
+                self._misses.get(digest, 0.0) > now
+                or len(token) != KEY_LENGTH
+                or not token.startswith(KEY_PREFIX)
+                or not self._may_look_up(now)
+            ):
+                raise AuthenticationFailed("Incorrect API key provided.")
+            caller = await self._look_up_once(digest)
         if caller is None:
             if len(self._misses) > 10_000:
                 self._misses.clear()
@@ -150,6 +159,21 @@ class KeyRing:
             raise AuthenticationFailed("Incorrect API key provided.")
         self._keys[digest] = caller
         return caller
+
+    async def _look_up_once(self, digest: str) -> Caller | None:
+        future: asyncio.Future[Caller | None] = asyncio.get_running_loop().create_future()
+        self._inflight[digest] = future
+        self.lookups += 1
+        try:
+            caller = await asyncio.to_thread(self._lookup, digest)  # never raises but cancellation
+        except BaseException:
+            future.cancel()
+            raise
+        else:
+            future.set_result(caller)
+            return caller
+        finally:
+            del self._inflight[digest]
 
     def _may_look_up(self, now: float) -> bool:
         """A token bucket of ``MISS_LOOKUPS_PER_S`` (burst of as many) database lookups."""
