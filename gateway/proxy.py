@@ -418,6 +418,7 @@ class Pipeline:
         status, error = answer.status, None
         pending = b""
         side = target.split(":", 1)[0]
+        sent_tail = b""  # the end of what the client has been sent (each yield resumes once sent)
 
         async def source() -> AsyncIterator[bytes]:
             if first_chunk is not None:
@@ -432,6 +433,7 @@ class Pipeline:
                 received.append(chunk)
                 if not strip_usage:
                     yield chunk
+                    sent_tail = (sent_tail + chunk)[-64:]
                     continue
                 pending += chunk
                 cut = pending.rfind(b"\n\n")
@@ -441,6 +443,7 @@ class Pipeline:
                 out = _drop_usage_events(ready)
                 if out:
                     yield out
+                    sent_tail = (sent_tail + out)[-64:]
             if pending:
                 yield pending
         except OSError as exc:  # the connection broke or went quiet (TimeoutError is an OSError)
@@ -448,10 +451,13 @@ class Pipeline:
             self.gw.metrics.upstream_errors.labels(side, "stream_broken").inc()
             yield b"data: " + error_bytes(error, "upstream_error", None, "stream_broken") + b"\n\n"
         except BaseException:
-            status, error = (
-                499,
-                "The connection closed before the answer was complete (client disconnect or gateway shutdown).",
-            )
+            # A client that leaves once it has the terminating "data: [DONE]" (the OpenAI SDKs
+            # close the stream there) got the whole answer, whatever the upstream still sends.
+            if _SSE_DONE not in sent_tail:
+                status, error = (
+                    499,
+                    "The connection closed before the answer was complete (client disconnect or gateway shutdown).",
+                )
             raise
         finally:
             answer.close()
@@ -564,6 +570,9 @@ class Pipeline:
         if ttft is not None:
             m.child(m.ttft, call.task, label).observe(ttft)
         m.overhead.observe(max(0.0, latency - waited))
+
+
+_SSE_DONE = b"data: [DONE]"
 
 
 def _drop_usage_events(block: bytes) -> bytes:

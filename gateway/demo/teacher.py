@@ -86,6 +86,7 @@ class ScriptedTeacher:
         delay_s: float = 0.0,
         chunk_delay_s: float = 0.0,
         cached_ratio: float = 0.0,
+        linger_s: float = 0.0,
     ) -> None:
         self.answer_fn = answer_fn
         self.api_key = api_key
@@ -93,6 +94,8 @@ class ScriptedTeacher:
         self.delay_s = delay_s
         self.chunk_delay_s = chunk_delay_s
         self.cached_ratio = cached_ratio
+        self.linger_s = linger_s
+        """Keep a stream open this long after its ``data: [DONE]`` (some servers end the body late)."""
         self.stats = TeacherStats()
         self.fail_next: list[int] = []
         """Statuses to answer the next chat requests with (then normal service resumes)."""
@@ -362,3 +365,5 @@ async def _events(
     if usage is not None:
         yield event([], usage=usage)
     yield b"data: [DONE]\n\n"
+    if state.linger_s:
+        await asyncio.sleep(state.linger_s)

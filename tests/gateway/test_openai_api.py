@@ -20,6 +20,7 @@ from sqlmodel import col, select
 
 from gateway.store.models import Record
 from tests.conftest import RunningGateway
+from tests.servers import wait_until
 
 
 class ChatArgs(TypedDict, total=False):
@@ -312,6 +313,30 @@ def test_unreachable_teacher_is_502_openai_error(gateway: RunningGateway, teache
     assert info.value.body["type"] == "upstream_error"
     (row,) = records(gateway)
     assert row.status == 502
+
+
+def test_a_client_that_leaves_right_after_done_got_the_whole_answer_and_it_is_recorded_as_200(
+    gateway: RunningGateway, teacher
+) -> None:
+    """The OpenAI SDKs stop reading at ``data: [DONE]`` and may close the connection before the
+    upstream has ended its body: that answer is complete, so it is a 200 record to train on."""
+    state, _ = teacher
+    state.linger_s = 1.0  # the upstream ends its body a second after [DONE]
+    body = {"model": "teacher-large", "messages": [{"role": "user", "content": "a b c"}], "stream": True}
+    headers = {"Authorization": f"Bearer {gateway.key}"}
+    with (
+        httpx.Client(timeout=30) as client,
+        client.stream("POST", gateway.v1 + "/chat/completions", json=body, headers=headers) as r,
+    ):
+        request_id = r.headers["x-distillgate-request-id"]
+        for line in r.iter_lines():
+            if line == "data: [DONE]":
+                break  # and leave: the context managers close the connection now
+    gateway.flush()
+    wait_until(lambda: len(records(gateway)) == 1, 5)
+    (row,) = records(gateway)
+    assert (row.id, row.status, row.error, row.finish_reason) == (request_id, 200, None, "stop")
+    assert row.response is not None and row.response["choices"][0]["message"]["content"] == "You said: a b c"
 
 
 def test_a_client_that_leaves_mid_stream_stops_the_teachers_stream_and_is_recorded_as_499(
