@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 from sqlalchemy import delete
-from sqlmodel import select
+from sqlmodel import col, select
 
 from gateway.protocol import ChatCompletionRequest, is_deterministic
 from gateway.store.db import Database
@@ -156,7 +156,7 @@ class PromptCache:
     def purge_expired(self) -> int:
         """Delete expired shared entries (run periodically)."""
         with self.db.session() as session:
-            result = session.exec(delete(CacheEntry).where(CacheEntry.expires_at <= datetime.now(UTC)))  # type: ignore[call-overload,arg-type]
+            result = session.exec(delete(CacheEntry).where(col(CacheEntry.expires_at) <= datetime.now(UTC)))
             session.commit()
             return int(result.rowcount or 0)
 
@@ -166,8 +166,8 @@ class PromptCache:
         with self.db.session() as session:
             stmt = delete(CacheEntry)
             if task is not None:
-                stmt = stmt.where(CacheEntry.task == task)  # type: ignore[arg-type]
-            session.exec(stmt)  # type: ignore[call-overload]
+                stmt = stmt.where(col(CacheEntry.task) == task)
+            session.exec(stmt)
             session.commit()
 
     def entries(self, task: str) -> list[CacheEntry]:

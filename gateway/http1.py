@@ -21,7 +21,7 @@ import base64
 import ssl
 import urllib.request
 from collections import deque
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from urllib.parse import unquote, urlsplit
 
 import httptools
@@ -146,7 +146,7 @@ class Response:
         chunks = self._chunks
         return chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
 
-    async def iter_chunks(self) -> AsyncIterator[bytes]:
+    async def iter_chunks(self) -> AsyncGenerator[bytes, None]:
         """The body as it arrives, one piece per read from the socket (decoded from chunked)."""
         chunks = self._chunks
         self._streaming = True

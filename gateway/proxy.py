@@ -362,7 +362,7 @@ class Pipeline:
                 asyncio.to_thread(self.gw.promoter.rollback_for_errors, call.task, adapter)
             )
             self._background.add(rollback)  # type: ignore[arg-type]
-            rollback.add_done_callback(self._background.discard)  # type: ignore[arg-type]
+            rollback.add_done_callback(self._background.discard)
 
     def _respond(
         self,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,7 +40,7 @@ class UpstreamAnswer:
             self.body = await self.response.read()
         return self.body
 
-    async def iter_chunks(self) -> AsyncIterator[bytes]:
+    async def iter_chunks(self) -> AsyncGenerator[bytes, None]:
         """Yield bytes as they arrive (no re-framing); a stream abandoned half-way closes its connection."""
         async for chunk in self.response.iter_chunks():
             yield chunk

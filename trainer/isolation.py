@@ -18,7 +18,7 @@ import sys
 import threading
 from collections.abc import Callable
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, Self
 
 log = logging.getLogger("distillgate.trainer")
 
@@ -39,7 +39,7 @@ class Inline:
     def kill(self) -> None:
         return None
 
-    def __enter__(self) -> Inline:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

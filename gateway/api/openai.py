@@ -28,7 +28,7 @@ class ClientGone(Exception):
 
 
 def _pipeline(scope: Scope) -> Pipeline:
-    return scope["app"].state.pipeline  # type: ignore[no-any-return]
+    return scope["app"].state.pipeline
 
 
 async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:

@@ -83,7 +83,7 @@ class TransitionRequest(msgspec.Struct, forbid_unknown_fields=True):
 
 
 def _gateway(request: Request[Any, Any, Any]) -> Gateway:
-    return request.app.state.gateway  # type: ignore[no-any-return]
+    return request.app.state.gateway
 
 
 @get(

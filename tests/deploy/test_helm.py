@@ -39,7 +39,7 @@ def pod_spec(obj: dict[str, Any]) -> dict[str, Any]:
         spec = spec["jobTemplate"]["spec"]
     if obj["kind"] == "Pod":
         return spec
-    return spec["template"]["spec"]  # type: ignore[no-any-return]
+    return spec["template"]["spec"]
 
 
 def container(obj: dict[str, Any], name: str | None = None) -> dict[str, Any]:

@@ -241,7 +241,7 @@ class Stack:
     def task(self) -> dict[str, Any]:
         response = self.admin.get(f"/admin/tasks/{TASK}")
         response.raise_for_status()
-        return response.json()  # type: ignore[no-any-return]
+        return response.json()
 
     def install(self, model: StudentModel, stage: Stage = Stage.shadow) -> str:
         """Register ``model`` as the task's next adapter, publish it to the student server (which
@@ -276,7 +276,7 @@ class Stack:
     def policy(self) -> dict[str, Any]:
         response = self.admin.get("/admin/policy")
         response.raise_for_status()
-        return response.json()  # type: ignore[no-any-return]
+        return response.json()
 
     def wait_for(self, stage: str, timeout_s: float = 30.0) -> None:
         wait_until(lambda: self.state()[0] == stage, timeout_s=timeout_s)

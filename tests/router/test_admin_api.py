@@ -35,7 +35,7 @@ def assert_error(response: httpx.Response, status: int, code: str | None = None)
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
     if code is not None:
         assert error["code"] == code
-    return error  # type: ignore[no-any-return]
+    return error
 
 
 def target(s: Stack) -> str:
@@ -118,7 +118,7 @@ def test_forced_moves_change_routing_at_once(served: tuple[Stack, str]) -> None:
     def move(action: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         response = s.admin.post(f"/admin/tasks/{TASK}/{action}", json=body or {"reason": f"test {action}"})
         assert response.status_code == 200, response.text
-        return response.json()  # type: ignore[no-any-return]
+        return response.json()
 
     # Each move is followed at once by a request routed on it (no refresh period in between).
     paused = move("pause")

@@ -13,8 +13,7 @@ from trainer.isolation import ChildDied, ChildProcess, Inline
 
 
 def test_calls_run_in_another_process_and_return_their_results() -> None:
-    child = ChildProcess()  # not `as child`: Inline.__enter__ is typed to return an Inline, which has no pid
-    with child:
+    with ChildProcess() as child:
         assert child.call(os.getpid) == child.pid != os.getpid()
         assert child.call(sorted, [3, 1, 2], reverse=True) == [3, 2, 1]
         # One process serves every call of a pass (the model files stay in its page cache).
