@@ -113,6 +113,9 @@ class ChildProcess(Inline):
 
 def _serve(conn: Connection, torch_threads: int | None, log_level: int) -> None:
     logging.basicConfig(level=log_level or logging.WARNING)
+    # A background worker: no download or weight-loading progress bars in the server's log
+    # (set HF_HUB_DISABLE_PROGRESS_BARS=0 to see them).
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     if torch_threads:
         os.environ.setdefault("OMP_NUM_THREADS", str(torch_threads))
         import torch
