@@ -418,7 +418,9 @@ class Pipeline:
         status, error = answer.status, None
         pending = b""
         side = target.split(":", 1)[0]
-        sent_tail = b""  # the end of what the client has been sent (each yield resumes once sent)
+        # The last two pieces the client has been sent (a yield resumes once its piece is sent):
+        # references, not copies, kept to tell a complete stream from a cut one.
+        sent = (b"", b"")
 
         async def source() -> AsyncIterator[bytes]:
             if first_chunk is not None:
@@ -433,7 +435,7 @@ class Pipeline:
                 received.append(chunk)
                 if not strip_usage:
                     yield chunk
-                    sent_tail = (sent_tail + chunk)[-64:]
+                    sent = (sent[1], chunk)
                     continue
                 pending += chunk
                 cut = pending.rfind(b"\n\n")
@@ -443,7 +445,7 @@ class Pipeline:
                 out = _drop_usage_events(ready)
                 if out:
                     yield out
-                    sent_tail = (sent_tail + out)[-64:]
+                    sent = (sent[1], out)
             if pending:
                 yield pending
         except OSError as exc:  # the connection broke or went quiet (TimeoutError is an OSError)
@@ -453,7 +455,7 @@ class Pipeline:
         except BaseException:
             # A client that leaves once it has the terminating "data: [DONE]" (the OpenAI SDKs
             # close the stream there) got the whole answer, whatever the upstream still sends.
-            if _SSE_DONE not in sent_tail:
+            if _SSE_DONE not in sent[0][-len(_SSE_DONE) :] + sent[1][-64:]:
                 status, error = (
                     499,
                     "The connection closed before the answer was complete (client disconnect or gateway shutdown).",
