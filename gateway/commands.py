@@ -110,7 +110,7 @@ def register(app: typer.Typer) -> None:
         console.print(table)
 
     try:
-        from gateway.demo.run import demo_command
+        from demo.run import demo_command
     except ImportError:
         return
     app.command(name="demo")(demo_command)

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
+from demo.teacher import ScriptedTeacher, create_teacher_app
 from gateway.app import create_app
 from gateway.auth import create_key
-from gateway.demo.teacher import ScriptedTeacher, create_teacher_app
 from gateway.runtime import Gateway
 from gateway.settings import Settings
 from gateway.store.db import Database

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ["gateway", "router", "trainer", "tests", "bench"]
+PACKAGES = ["gateway", "router", "trainer", "demo", "tests", "bench"]
 
 
 def ruff(*args: str) -> subprocess.CompletedProcess[str]:

@@ -24,7 +24,7 @@ import yaml
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.demo.teacher import ScriptedTeacher, create_teacher_app
+from demo.teacher import ScriptedTeacher, create_teacher_app
 from gateway.runtime import Gateway
 from gateway.store.models import Task
 from router.decide import StudentEnvelope

@@ -22,8 +22,8 @@ from sqlalchemy import update
 from sqlmodel import col
 from typer.testing import CliRunner
 
+from demo.teacher import ScriptedTeacher, create_teacher_app
 from gateway.cli import app
-from gateway.demo.teacher import ScriptedTeacher, create_teacher_app
 from gateway.store.models import Record, Task
 from router.decide import StudentEnvelope
 from tests.conftest import ADMIN_KEY, TEACHER_KEY, make_policy, start_gateway

@@ -20,7 +20,7 @@ import pytest
 import yaml
 from sqlmodel import select
 
-from gateway.demo.teacher import ScriptedTeacher, create_teacher_app
+from demo.teacher import ScriptedTeacher, create_teacher_app
 from gateway.store.db import Database
 from gateway.store.models import Record
 from tests.conftest import TEACHER_KEY

@@ -23,9 +23,9 @@ import yaml
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from pydantic import SecretStr
 
+from demo.teacher import ScriptedTeacher, last_user_text
 from gateway.app import create_app
 from gateway.auth import create_key
-from gateway.demo.teacher import ScriptedTeacher, last_user_text
 from gateway.runtime import Gateway
 from gateway.settings import AuthSettings, RecorderSettings, Settings
 from gateway.store.models import Stage

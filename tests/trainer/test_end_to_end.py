@@ -10,7 +10,7 @@ from typing import Any, cast
 import openai
 from openai.types.chat import ChatCompletionMessageParam
 
-from gateway.demo.teacher import ScriptedTeacher, last_user_text
+from demo.teacher import ScriptedTeacher, last_user_text
 from gateway.store.models import Task
 from router.policy import TaskPolicy, parse_policy
 from tests.conftest import RunningGateway, make_policy, start_gateway

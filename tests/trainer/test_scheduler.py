@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway.demo.teacher import ScriptedTeacher
+from demo.teacher import ScriptedTeacher
 from gateway.store.db import Database
 from gateway.store.models import Stage, Task, TaskTransition, TrainingLock, utcnow
 from router.policy import Policy, parse_policy

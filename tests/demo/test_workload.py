@@ -12,10 +12,10 @@ import openai
 import pytest
 from sqlmodel import select
 
-from gateway.demo import workload
-from gateway.demo.teacher import ScriptedTeacher, create_teacher_app, default_answer
-from gateway.demo.traffic import Outcome, replay, replay_to
-from gateway.demo.workload import (
+from demo import workload
+from demo.teacher import ScriptedTeacher, create_teacher_app, default_answer
+from demo.traffic import Outcome, replay, replay_to
+from demo.workload import (
     ADE_PATTERNS,
     ADE_TEMPLATES,
     CLASSIFY_EMAIL,

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.demo import workload
+from demo import workload
 from trainer.tinymodel import TinyModelSpec
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import openai
 
-from gateway.demo.workload import FAMILIES, TaskFamily, traffic
+from demo.workload import FAMILIES, TaskFamily, traffic
 from router.scorers import score
 
 MAX_ERRORS_KEPT = 20

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from gateway.demo.teacher import last_user_text
+from demo.teacher import last_user_text
 
 Scorer = Literal["exact", "json_fields"]
 

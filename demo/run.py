@@ -30,9 +30,9 @@ from rich.live import Live
 from rich.table import Table
 from sqlmodel import col, select
 
-from gateway.demo import workload
-from gateway.demo.recipe import DemoRecipe, demo_recipe, tokenizer_conversations
-from gateway.demo.traffic import TrafficReport, replay_to
+from demo import workload
+from demo.recipe import DemoRecipe, demo_recipe, tokenizer_conversations
+from demo.traffic import TrafficReport, replay_to
 from gateway.store.models import Record, Stage, Task
 
 SETTLED = {Stage.serving.value}
@@ -153,9 +153,9 @@ def run_demo(
     """Run the loop until every task is settled or time is up; return the final summary."""
     import torch
 
+    from demo.teacher import ScriptedTeacher, create_teacher_app
     from gateway.app import create_app
     from gateway.auth import create_key
-    from gateway.demo.teacher import ScriptedTeacher, create_teacher_app
     from gateway.settings import RecorderSettings, Settings
     from gateway.store.db import Database
     from router.policy import parse_policy
