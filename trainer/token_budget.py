@@ -53,13 +53,19 @@ class Row:
 
     def to(self, device: Any) -> Row:
         """The same row on ``device`` (asynchronous copies from pinned memory where possible)."""
+        import torch
+
+        cu = self.segments.cu_seqlens.to(device, non_blocking=True)
+        # Rows hold different numbers of records: a compiled model takes that length as a
+        # symbol from the first call, instead of compiling again at the second row.
+        torch._dynamo.maybe_mark_dynamic(cu, 0)
         return replace(
             self,
             input_ids=self.input_ids.to(device, non_blocking=True),
             position_ids=self.position_ids.to(device, non_blocking=True),
             targets=self.targets.to(device, non_blocking=True),
             target_ids=self.target_ids.to(device, non_blocking=True),
-            segments=Segments(self.segments.cu_seqlens.to(device, non_blocking=True), self.segments.max_len),
+            segments=Segments(cu, self.segments.max_len),
         )
 
     def model_inputs(self) -> dict[str, Any]:
