@@ -125,6 +125,8 @@ class Result:
     reserved_gb: float | None = None
     busy: float | None = None
     kernels_per_step: float | None = None
+    kernel_mix: dict[str, float] | None = None
+    """Share of kernel time in matrix products, attention and the rest (elementwise, reductions)."""
     first_s: float = 0.0
     activation_mb_per_1k: float | None = None
     losses: list[float] = field(default_factory=list)
@@ -323,6 +325,7 @@ class Meter:
         self.t0 = 0.0
         self.busy: float | None = None
         self.kernels_per_step: float | None = None
+        self.kernel_mix: dict[str, float] | None = None
 
     def reset(self) -> None:
         import torch
@@ -378,7 +381,19 @@ class Meter:
                 covered += b - max(a, end)
                 end = b
         self.busy = min(1.0, covered / 1e6 / wall) if wall > 0 else None
-        self.kernels_per_step = sum(1 for e in events if e.get("cat") == "kernel") / max(1, steps)
+        kernels = [e for e in events if e.get("ph") == "X" and e.get("cat") == "kernel"]
+        self.kernels_per_step = len(kernels) / max(1, steps)
+        mix = dict.fromkeys(("matmul", "attention", "other"), 0.0)
+        for e in kernels:
+            name = str(e.get("name", "")).lower()
+            if "flash" in name or "fmha" in name:
+                mix["attention"] += float(e.get("dur", 0))
+            elif any(k in name for k in ("gemm", "cutlass", "nvjet", "xmma", "wgmma", "sm90_", "cublas")):
+                mix["matmul"] += float(e.get("dur", 0))
+            else:
+                mix["other"] += float(e.get("dur", 0))
+        total = sum(mix.values())
+        self.kernel_mix = {k: v / total for k, v in mix.items()} if total else None
 
 
 @dataclass
@@ -423,20 +438,18 @@ class Setup:
         groups = [self.examples[k : k + size] for k in range(0, len(self.examples), size)]
         return _cycle(groups, self.args.steps + self.args.profile_steps)
 
-    @cached_property
-    def budget_steps(self) -> list[list[Row]]:
-        rows = pack_rows(self.examples, self.row_tokens, self.pad_id, max_len=self.args.max_len)
-        per = self.rows_per_step
+    def budget_steps(self, shape: tuple[int, int]) -> list[list[Row]]:
+        width, per = shape
+        rows = pack_rows(self.examples, width, self.pad_id, max_len=self.args.max_len)
         steps = [rows[k : k + per] for k in range(0, len(rows) - per + 1, per)]
         return _cycle(steps, self.args.budget_steps + self.args.profile_steps)
 
     @property
-    def row_tokens(self) -> int:
-        return int(self.args.row_tokens or self.arch.row_tokens)
-
-    @property
-    def rows_per_step(self) -> int:
-        return int(self.args.rows_per_step or self.arch.rows_per_step)
+    def step_shapes(self) -> list[tuple[int, int]]:
+        """Fast-path (row width, rows per step) to measure; the first one also serves fast-same."""
+        if not self.args.rows:
+            return [(self.arch.row_tokens, self.arch.rows_per_step)]
+        return [(int(w), int(n)) for w, n in (item.split("x") for item in self.args.rows.split(","))]
 
 
 def _cycle(items: list[Any], n: int) -> list[Any]:
@@ -464,7 +477,11 @@ def finish(
     result.real_share = tokens / computed if computed else None
     result.mfu = flops / seconds / setup.peak if setup.peak and seconds > 0 else None
     result.peak_gb, result.reserved_gb = meter.memory()
-    result.busy, result.kernels_per_step = meter.busy, meter.kernels_per_step
+    result.busy, result.kernels_per_step, result.kernel_mix = (
+        meter.busy,
+        meter.kernels_per_step,
+        meter.kernel_mix,
+    )
     return result
 
 
@@ -532,10 +549,15 @@ def run_plain(setup: Setup, meter: Meter) -> Result:
     )
 
 
-def run_fast(setup: Setup, meter: Meter, variant: str, *, attention_in_graph: bool = True) -> Result:
+def run_fast(
+    setup: Setup, meter: Meter, variant: str, shape: tuple[int, int], *, attention_in_graph: bool = True
+) -> Result:
     import torch
 
-    result = Result(setup.arch_name, variant)
+    width = shape[0]
+    result = Result(
+        setup.arch_name, variant if variant == "fast-same" else f"{variant} {_shape_label(shape)}"
+    )
     fast = replace(FastPath.for_device(setup.device), attention_in_graph=attention_in_graph)
     if variant == "fast-eager":
         fast = replace(fast, compile_layers=False)
@@ -546,15 +568,13 @@ def run_fast(setup: Setup, meter: Meter, variant: str, *, attention_in_graph: bo
     optimizer = make_optimizer(params, setup.args.lr, 0.0, fast)
     if variant == "fast-same":
         plain = setup.plain_steps
-        steps = [
-            pack_rows(group, setup.row_tokens, setup.pad_id, max_len=setup.args.max_len) for group in plain
-        ]
+        steps = [pack_rows(group, width, setup.pad_id, max_len=setup.args.max_len) for group in plain]
         n = setup.args.steps
         result.reference = "plain"
     else:
-        steps = setup.budget_steps
+        steps = setup.budget_steps(shape)
         n = setup.args.budget_steps
-        result.reference = "fast-eager" if variant == "fast" else None
+        result.reference = f"fast-eager {_shape_label(shape)}" if variant == "fast" else None
     on_device = [[row.to(setup.device) for row in rows] for rows in steps]
     autocast = setup.autocast()
 
@@ -573,12 +593,10 @@ def run_fast(setup: Setup, meter: Meter, variant: str, *, attention_in_graph: bo
     labelled = sum(r.labelled for rows in timed_steps for r in rows)
     squares = sum(r.attention_tokens for rows in timed_steps for r in rows)
     computed = sum(r.width for rows in timed_steps for r in rows)
-    _activation(result, meter, static, setup.row_tokens)
-    result.note = (
-        "plain's steps" if variant == "fast-same" else f"rows {setup.row_tokens:,} x {len(steps[0])}"
-    )
+    _activation(result, meter, static, width)
+    result.note = f"plain's steps in rows of {width:,}" if variant == "fast-same" else ""
     if not setup.cuda:
-        result.note += "; CPU: packed attention and labelled logits only"
+        result.note += " CPU: packed attention and labelled logits only"
     return finish(
         result,
         setup,
@@ -645,6 +663,11 @@ def run_finetune(setup: Setup, meter: Meter, workdir: Path) -> Result:
         seconds=done.train_s,
         steps=done.steps,
     )
+
+
+def _shape_label(shape: tuple[int, int]) -> str:
+    width, rows = shape
+    return f"{width // 1024}k x {rows}" if width % 1024 == 0 else f"{width} x {rows}"
 
 
 def _model(setup: Setup) -> Any:
@@ -755,8 +778,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile-steps", type=int, default=2, help="extra steps under the profiler")
     parser.add_argument("--plain-batch", type=int, default=16)
     parser.add_argument("--finetune-records", type=int, default=800)
-    parser.add_argument("--row-tokens", type=int, help="fast-path row width (default: per model)")
-    parser.add_argument("--rows-per-step", type=int, help="fast-path rows per step (default: per model)")
+    parser.add_argument(
+        "--rows", help="fast-path steps as WIDTHxROWS, comma-separated (default per model, e.g. 16384x2)"
+    )
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--peak-tflops", type=float, help="the chip's dense bf16 peak (default: known chips)")
@@ -802,7 +826,7 @@ def main(argv: list[str] | None = None) -> None:
         _print_checks(checks, args.json)
     peak = peak_flops(device, args.peak_tflops)
     results: list[Result] = []
-    in_graph = dict.fromkeys(args.models.split(","), True)
+    in_graph = {"value": True}
     with tempfile.TemporaryDirectory(prefix="dg-train-bench-") as tmp:
         for arch_name in args.models.split(","):
             setup = Setup(
@@ -817,45 +841,27 @@ def main(argv: list[str] | None = None) -> None:
                 args,
                 peak,
             )
-            for variant in args.variants.split(","):
-                result = Result(arch_name, variant)
-                if args.deadline_s and time.perf_counter() - started > args.deadline_s:
-                    result.error = "skipped: deadline"
-                    results.append(result)
-                    continue
-                meter = Meter(device)
-                meter.reset()
-                t0 = time.perf_counter()
-                try:
-                    if variant == "plain":
-                        result = run_plain(setup, meter)
-                    elif variant == "finetune":
-                        result = run_finetune(setup, meter, Path(tmp))
-                    else:
-                        result = run_fast(setup, meter, variant, attention_in_graph=in_graph[arch_name])
-                except Exception as exc:
-                    traceback.print_exc()
-                    result.error = f"{type(exc).__name__}: {str(exc)[:300]}"
-                    if variant == "fast" and in_graph[arch_name] and "out of memory" not in str(exc).lower():
-                        # Compilation that cannot trace the kernel: measure with it outside the graphs.
-                        in_graph[arch_name] = False
-                        results.append(result)
-                        meter.reset()
-                        result = Result(arch_name, variant)
-                        try:
-                            result = run_fast(setup, meter, variant, attention_in_graph=False)
-                        except Exception as again:
-                            traceback.print_exc()
-                            result.error = f"{type(again).__name__}: {str(again)[:300]}"
-                results.append(result)
-                _save(args.out, info, args, checks, results)
-                print(
-                    f"[{time.perf_counter() - started:7.1f}s] {arch_name} {variant}: {time.perf_counter() - t0:.1f}s"
-                    f" {result.useful_tok_s:,.0f} tok/s {result.error or ''}",
-                    file=sys.stderr,
-                    flush=True,
+            jobs = [
+                (variant, shape)
+                for variant in args.variants.split(",")
+                for shape in (
+                    setup.step_shapes if variant in ("fast", "fast-eager") else setup.step_shapes[:1]
                 )
-                meter.reset()
+            ]
+            for variant, shape in jobs:
+                if args.deadline_s and time.perf_counter() - started > args.deadline_s:
+                    results.append(Result(arch_name, variant, error="skipped: deadline"))
+                    continue
+                t0 = time.perf_counter()
+                for result in run_variant(setup, variant, shape, Path(tmp), in_graph):
+                    results.append(result)
+                    _save(args.out, info, args, checks, results)
+                    print(
+                        f"[{time.perf_counter() - started:7.1f}s] {arch_name} {result.variant}:"
+                        f" {time.perf_counter() - t0:.1f}s {result.useful_tok_s:,.0f} tok/s {result.error or ''}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
     _compare_losses(results)
     info["wall_s"] = round(time.perf_counter() - started, 1)
     if args.out:
@@ -871,6 +877,31 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps({"setup": info, "checks": checks, "results": [asdict(r) for r in results]}))
         return
     _print_tables(info, results)
+
+
+def run_variant(
+    setup: Setup, variant: str, shape: tuple[int, int], workdir: Path, in_graph: dict[str, bool]
+) -> list[Result]:
+    """One measurement (two where compiling with the attention kernel in the graphs fails and is
+    retried with it outside them); failures are results with an error, not exceptions."""
+    meter = Meter(setup.device)
+    meter.reset()
+    result = Result(setup.arch_name, variant)
+    try:
+        if variant == "plain":
+            return [run_plain(setup, meter)]
+        if variant == "finetune":
+            return [run_finetune(setup, meter, workdir)]
+        return [run_fast(setup, meter, variant, shape, attention_in_graph=in_graph["value"])]
+    except Exception as exc:
+        traceback.print_exc()
+        result.error = f"{type(exc).__name__}: {str(exc)[:300]}"
+        if variant != "fast" or not in_graph["value"] or "out of memory" in str(exc).lower():
+            return [result]
+    finally:
+        meter.reset()
+    in_graph["value"] = False  # this torch cannot trace the kernel: keep it outside the graphs
+    return [result, *run_variant(setup, variant, shape, workdir, in_graph)]
 
 
 def _save(
@@ -933,6 +964,7 @@ def _print_tables(info: dict[str, Any], results: list[Result]) -> None:
         "act MB/1k tok",
         "busy",
         "kernels/step",
+        "mm/attn/other",
         "first s",
         "note",
     )
@@ -959,6 +991,7 @@ def _print_tables(info: dict[str, Any], results: list[Result]) -> None:
             f"{r.activation_mb_per_1k:,.0f}" if r.activation_mb_per_1k is not None else "-",
             f"{r.busy:.0%}" if r.busy is not None else "-",
             f"{r.kernels_per_step:,.0f}" if r.kernels_per_step is not None else "-",
+            "/".join(f"{v:.0%}" for v in r.kernel_mix.values()) if r.kernel_mix else "-",
             f"{r.first_s:.1f}",
             r.note,
         )

@@ -54,11 +54,19 @@ def test_every_variant_runs_and_the_fast_path_follows_the_plain_loops_loss_curve
     out = run_bench(
         tmp_path,
         *("--records", "40", "--median", "40", "--max-len", "128", "--steps", "3", "--budget-steps", "3"),
-        *("--plain-batch", "8", "--finetune-records", "40", "--row-tokens", "256", "--rows-per-step", "2"),
+        *("--plain-batch", "8", "--finetune-records", "40", "--rows", "256x2,512x1"),
         "--check",
     )
     results = {r["variant"]: r for r in out["results"]}
-    assert set(results) == {"plain", "finetune", "fast-eager", "fast", "fast-same"}
+    assert set(results) == {
+        "plain",
+        "finetune",
+        "fast-eager 256 x 2",
+        "fast 256 x 2",
+        "fast-eager 512 x 1",
+        "fast 512 x 1",
+        "fast-same",
+    }
     for r in results.values():
         assert r["error"] is None, r
         assert r["useful_tok_s"] > 0 and r["labelled_tok_s"] > 0
@@ -67,5 +75,6 @@ def test_every_variant_runs_and_the_fast_path_follows_the_plain_loops_loss_curve
     # labelled positions give the padded loop's losses (fp32 on a CPU: to rounding).
     assert results["fast-same"]["reference"] == "plain"
     assert results["fast-same"]["max_loss_delta"] < 1e-4
-    assert results["fast"]["real_share"] > results["plain"]["real_share"]
+    assert results["fast 256 x 2"]["reference"] == "fast-eager 256 x 2"
+    assert results["fast 512 x 1"]["real_share"] > results["plain"]["real_share"]
     assert all(c[k] < 1e-6 for c in out["checks"] for k in ("out", "dq", "dk", "dv"))
