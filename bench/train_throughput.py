@@ -88,7 +88,7 @@ class Architecture:
 ARCHITECTURES = {
     "tiny": Architecture("llama", 64, 128, 2, 4, 2, 10000.0, row_tokens=1024, rows_per_step=2),
     # HuggingFaceTB/SmolLM2-360M: 32 layers, 960 wide, 15 heads over 5 kv heads, rope 100k.
-    "smollm2-360m": Architecture("llama", 960, 2560, 32, 15, 5, 100000.0, row_tokens=32768, rows_per_step=1),
+    "smollm2-360m": Architecture("llama", 960, 2560, 32, 15, 5, 100000.0, row_tokens=65536, rows_per_step=1),
     # HuggingFaceTB/SmolLM2-1.7B: 24 layers, 2048 wide, 32 heads (no grouping), rope 130k.
     "smollm2-1.7b": Architecture(
         "llama", 2048, 8192, 24, 32, 32, 130000.0, row_tokens=16384, rows_per_step=2

@@ -1,10 +1,11 @@
 """The CUDA training fast path: the switches a LoRA run turns on when it trains on a GPU.
 
-Each switch is measured on its own by ``bench/train_throughput.py`` (docs/gpu-training.md has
-the H200 table): records packed end to end into fixed-width rows attended per record
+The switches: records packed end to end into fixed-width rows attended per record
 (``trainer.attention``, no dense mask), LoRA inputs left in bf16, fused AdamW, every decoder
-layer compiled, logits only where a label is. ``FastPath.for_device`` turns them all on for CUDA
-and all off elsewhere, where the plain path is the faster one.
+layer compiled, logits only where a label is. ``bench/train_throughput.py`` measures them
+together, compiled and not, against the plain loop (docs/gpu-training.md has the H200 tables).
+``FastPath.for_device`` turns them all on for CUDA and all off elsewhere (the CPU path is
+``trainer.finetune``'s own).
 """
 
 from __future__ import annotations

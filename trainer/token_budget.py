@@ -105,6 +105,14 @@ def pack_rows(
     return rows
 
 
+def activation_bytes_per_token(hidden_size: int, intermediate_size: int, num_layers: int) -> float:
+    """GPU memory one token of a row holds while it trains on the compiled fast path (bf16 base,
+    LoRA on every linear layer, logits only where labelled): a fit of two H200 measurements
+    (bench/train_throughput.py: SmolLM2-360M 1.07 MB, SmolLM2-1.7B 2.15 MB a token), about
+    16.8 bytes per hidden unit and 6.7 per MLP unit in each layer. Uncompiled it is ~1.3x more."""
+    return num_layers * (16.8 * hidden_size + 6.7 * intermediate_size)
+
+
 def row_width(
     bytes_per_token: float, free_bytes: int, *, longest_record: int, share: float = 0.7, multiple: int = 1024
 ) -> int:

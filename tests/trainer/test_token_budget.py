@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from trainer.collate import IGNORE_INDEX, TokenizedExample
-from trainer.token_budget import PAD_SEGMENT, pack_rows, row_width
+from trainer.token_budget import PAD_SEGMENT, activation_bytes_per_token, pack_rows, row_width
 
 
 def example(n: int, answer: int, start: int = 10) -> TokenizedExample:
@@ -53,3 +53,8 @@ def test_a_bound_on_record_length_is_kept_for_the_kernel() -> None:
 def test_row_width_fills_a_share_of_free_memory_but_holds_the_longest_record() -> None:
     assert row_width(1e6, 80 * 10**9, longest_record=2048, share=0.5) == 39936
     assert row_width(1e9, 10**9, longest_record=2048) == 2048
+
+
+def test_activation_estimate_matches_the_measured_architectures() -> None:
+    assert activation_bytes_per_token(960, 2560, 32) == pytest.approx(1.066e6, rel=0.01)  # SmolLM2-360M
+    assert activation_bytes_per_token(2048, 8192, 24) == pytest.approx(2.146e6, rel=0.01)  # SmolLM2-1.7B
