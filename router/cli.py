@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich import box
@@ -16,7 +16,7 @@ from rich.table import Table
 
 from gateway.store.db import Database
 from gateway.store.models import Stage
-from router.policy import Policy, PolicyError, TaskPolicy, load_policy
+from router.policy import PolicyError, load_policy, policy_summary
 from router.stages import DEFAULT_CANARY, TransitionError, UnknownTask
 from router.tasks import Action, UnknownAdapter, force_move, recent_pairs, task_detail, task_rows
 
@@ -30,36 +30,6 @@ def register(app: typer.Typer) -> None:
     """Add ``policy`` (with ``check``) and ``tasks`` to ``app``."""
     app.add_typer(policy_app, name="policy")
     app.add_typer(tasks_app, name="tasks")
-
-
-def _task_row(name: str, tp: TaskPolicy) -> dict[str, Any]:
-    return {
-        "task": name,
-        "distill": tp.distill,
-        "scorer": tp.promote.scorer,
-        "threshold": tp.promote.threshold,
-        "min_samples": tp.promote.min_samples,
-        "shadow_rate": tp.shadow.rate,
-        "canary": list(tp.canary),
-        "audit_rate": tp.audit.rate,
-        "rollback_below": tp.audit.rollback_below,
-        "cache": tp.cache.enabled,
-    }
-
-
-def policy_summary(policy: Policy) -> dict[str, Any]:
-    """The resolved settings of the defaults and of every task named in the policy."""
-    rows = [_task_row("(defaults)", TaskPolicy.model_validate(policy.defaults))]
-    rows += [_task_row(name, policy.for_task(name)) for name in policy.tasks]
-    return {
-        "teacher": {"base_url": policy.teacher.base_url, "model": policy.teacher.model},
-        "student": (
-            {"base_url": policy.student.base_url, "base_model": policy.student.base_model}
-            if policy.student
-            else None
-        ),
-        "tasks": rows,
-    }
 
 
 @policy_app.command("check")

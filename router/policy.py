@@ -270,3 +270,33 @@ def load_policy(path: str | Path) -> Policy:
     except yaml.YAMLError as exc:
         raise PolicyError(f"invalid policy: {path} is not valid YAML: {exc}") from None
     return parse_policy(data, str(path))
+
+
+def _summary_row(name: str, tp: TaskPolicy) -> dict[str, Any]:
+    return {
+        "task": name,
+        "distill": tp.distill,
+        "scorer": tp.promote.scorer,
+        "threshold": tp.promote.threshold,
+        "min_samples": tp.promote.min_samples,
+        "shadow_rate": tp.shadow.rate,
+        "canary": list(tp.canary),
+        "audit_rate": tp.audit.rate,
+        "rollback_below": tp.audit.rollback_below,
+        "cache": tp.cache.enabled,
+    }
+
+
+def policy_summary(policy: Policy) -> dict[str, Any]:
+    """The resolved settings of the defaults and of every task named in the policy."""
+    rows = [_summary_row("(defaults)", TaskPolicy.model_validate(policy.defaults))]
+    rows += [_summary_row(name, policy.for_task(name)) for name in policy.tasks]
+    return {
+        "teacher": {"base_url": policy.teacher.base_url, "model": policy.teacher.model},
+        "student": (
+            {"base_url": policy.student.base_url, "base_model": policy.student.base_model}
+            if policy.student
+            else None
+        ),
+        "tasks": rows,
+    }

@@ -23,7 +23,7 @@ from gateway.api.admin import admin_caller
 from gateway.errors import Conflict, NotFound, error_bytes
 from gateway.runtime import Gateway
 from gateway.store.models import Stage, Task
-from router.cli import policy_summary
+from router.policy import policy_summary
 from router.stages import DEFAULT_CANARY, TransitionError, UnknownTask
 from router.tasks import ACTIONS, Action, UnknownAdapter, force_move, recent_pairs, task_detail, task_rows
 
