@@ -35,7 +35,7 @@ from demo.recipe import DemoRecipe, demo_recipe, tokenizer_conversations
 from demo.traffic import TrafficReport, replay_to
 from gateway.store.models import Record, Stage, Task
 
-SETTLED = {Stage.serving.value}
+SETTLED = {Stage.serving}
 
 
 def free_port() -> int:
@@ -320,7 +320,7 @@ def _trained_and_judged(db: Any, task: Task) -> bool:
 
     with db.session() as session:
         runs = session.exec(select(TrainingRun).where(TrainingRun.task == task.key)).all()
-    return bool(runs) and task.stage == Stage.collecting.value and all(r.status != "running" for r in runs)
+    return bool(runs) and task.stage == Stage.collecting and all(r.status != "running" for r in runs)
 
 
 def _all_settled(db: Any, tasks: list[Task], recipe: DemoRecipe) -> bool:

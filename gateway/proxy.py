@@ -503,7 +503,7 @@ class Pipeline:
                 task=call.task,
                 adapter=decision.adapter,
                 kind=decision.pair_kind or ("audit" if student else "shadow"),
-                stage=(state.stage.value if state is not None else "shadow"),
+                stage=state.stage if state is not None else Stage.shadow,
                 request=call.body,
                 teacher_response=None if student else response,
                 student_response=response if student else None,

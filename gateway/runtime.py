@@ -197,7 +197,7 @@ class Gateway:
         return [
             (t.adapter, t.key)
             for t in self.tasks.values()
-            if t.adapter and t.stage in (Stage.canary.value, Stage.serving.value)
+            if t.adapter and t.stage in (Stage.canary, Stage.serving)
         ]
 
     def _load_tasks(self) -> None:
@@ -222,7 +222,7 @@ class Gateway:
         student = policy.student if policy is not None else None
         self.task_states = {key: TaskState.from_task(task, student) for key, task in tasks.items()}
         self.tasks = tasks
-        stages = tuple(stage.value for stage in Stage)
+        stages = tuple(Stage)
         for key, task in tasks.items():
             self.metrics.set_stage(key, task.stage, stages)
             self.metrics.student_ratio.labels(key).set(task.student_ratio)

@@ -141,7 +141,7 @@ def tasks(
         return
     table = Table("task", "stage", "adapter", "student", "pairs", "pass rate", "reason")
     for row in rows:
-        stage = row["stage"] + (f" {row['canary_step']}" if row["stage"] == "canary" else "")
+        stage = row["stage"] + (f" {row['canary_step']}" if row["stage"] == Stage.canary else "")
         table.add_row(
             row["task"],
             stage,
@@ -177,7 +177,7 @@ def show(
         typer.echo(json.dumps({**detail, "pairs": recent}))
         return
     console = Console()
-    stage = detail["stage"] + (f" {detail['canary_step']}" if detail["stage"] == "canary" else "")
+    stage = detail["stage"] + (f" {detail['canary_step']}" if detail["stage"] == Stage.canary else "")
     console.print(
         f"[bold]{task}[/bold]  {stage}  adapter {detail['adapter'] or '-'}  "
         f"student {detail['student_ratio']:.0%}  pass rate {_percent(detail['pass_rate'])} "
@@ -255,7 +255,7 @@ def _apply(
     if as_json:
         typer.echo(json.dumps({"ok": True, **row}))
         return
-    stage = moved.stage + (f" {moved.canary_step}" if moved.stage == "canary" else "")
+    stage = moved.stage + (f" {moved.canary_step}" if moved.stage == Stage.canary else "")
     Console().print(
         f"{task}: {stage} (adapter {moved.adapter or '-'}, student {moved.student_ratio:.0%}); "
         "gateways route on it within a second",
@@ -298,4 +298,4 @@ def transition(
     as_json: JsonOption = False,
 ) -> None:
     """Force a task into any stage (``POST /admin/tasks/{task}/transition``)."""
-    _apply(task, stage.value, reason, config, database_url, as_json, adapter=adapter, canary_step=canary_step)
+    _apply(task, stage, reason, config, database_url, as_json, adapter=adapter, canary_step=canary_step)

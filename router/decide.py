@@ -300,7 +300,7 @@ def decide(
     if state.stage in _TEACHER_STAGES:
         return RouteDecision("teacher", None, _TEACHER_STAGES[state.stage])
     if state.adapter is None:
-        return RouteDecision("teacher", None, f"stage {state.stage.value} without an adapter")
+        return RouteDecision("teacher", None, f"stage {state.stage} without an adapter")
     unsupported = unsupported_reason(state, features)
     if unsupported is not None:
         return RouteDecision("teacher", None, f"student cannot serve: {unsupported}")

@@ -194,7 +194,7 @@ class Promoter:
             task = session.get(Task, task_key)
         if policy is None or task is None or task.adapter != adapter:
             return None
-        if task.stage not in (Stage.canary.value, Stage.serving.value):
+        if task.stage not in (Stage.canary, Stage.serving):
             return None
         streak = self.error_streak(task_key)
         task_policy = policy.for_task(task_key)

@@ -224,7 +224,7 @@ def force_move(
             state.stage is Stage.paused and state.paused_from in _STUDENT_STAGES
         )
         if not on_student:
-            raise TransitionError(f"task {key!r} is in {state.stage.value}: no student to roll back")
+            raise TransitionError(f"task {key!r} is in {state.stage}: no student to roll back")
         target = Stage.rolled_back
     elif move == "pause":
         if state.stage is Stage.paused:
@@ -236,12 +236,10 @@ def force_move(
         try:
             target = Stage(move)
         except ValueError:
-            raise TransitionError(
-                f"unknown stage {move!r} (one of {', '.join(s.value for s in Stage)})"
-            ) from None
+            raise TransitionError(f"unknown stage {move!r} (one of {', '.join(Stage)})") from None
         same = target is state.stage and (target is not Stage.canary or step == state.canary_step)
         if same and adapter in (None, state.adapter):
-            raise TransitionError(f"task {key!r} is in {target.value} already")
+            raise TransitionError(f"task {key!r} is in {target} already")
     return transition_task(
         db,
         key,

@@ -177,7 +177,7 @@ async def _move(
         what = f"{move} task '{task}'" if move in ACTIONS else f"move task '{task}' to {move}"
         raise Conflict(f"Cannot {what}: {exc}.", code="illegal_transition") from None
     gw.apply_task(moved)
-    if moved.stage == Stage.rolled_back.value:
+    if moved.stage == Stage.rolled_back:
         gw.metrics.rollbacks.labels(task).inc()
     elif move == "promote":
         gw.metrics.promotions.labels(task).inc()

@@ -26,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from demo.teacher import ScriptedTeacher, create_teacher_app
 from gateway.runtime import Gateway
-from gateway.store.models import Task
+from gateway.store.models import Stage, Task
 from router.decide import StudentEnvelope
 from tests.conftest import ADMIN_KEY, TEACHER_KEY, make_policy, start_gateway
 from tests.servers import flush, free_port, serve, wait_until
@@ -113,7 +113,7 @@ def _traffic(sqlite_url: str, tmp_path: Path) -> Iterator[Traffic]:
                 session.add(
                     Task(
                         key="student",
-                        stage="serving",
+                        stage=Stage.serving,
                         adapter=ADAPTER,
                         student_ratio=1.0,
                         features=StudentEnvelope().to_features(),

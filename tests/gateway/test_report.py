@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 
 from demo.teacher import ScriptedTeacher, create_teacher_app
 from gateway.cli import app
-from gateway.store.models import Record, Task
+from gateway.store.models import Record, Stage, Task
 from router.decide import StudentEnvelope
 from tests.conftest import ADMIN_KEY, TEACHER_KEY, make_policy, start_gateway
 from tests.servers import flush, fresh_postgres_database, serve, wait_until
@@ -74,7 +74,7 @@ def _ledger(database_url: str, tmp_path: Path) -> Ledger:
                 session.add(
                     Task(
                         key="student",
-                        stage="serving",
+                        stage=Stage.serving,
                         adapter="student@v1",
                         student_ratio=1.0,
                         features=StudentEnvelope().to_features(),

@@ -12,7 +12,9 @@ from tests.conftest import RunningGateway
 def test_a_task_refresh_that_read_the_table_before_a_move_does_not_undo_it(gateway: RunningGateway) -> None:
     gw, db = gateway.gateway, gateway.db()
     with db.session() as session:
-        session.add(Task(key="t", stage="serving", adapter="t@v1", student_ratio=1.0, updated_at=utcnow()))
+        session.add(
+            Task(key="t", stage=Stage.serving, adapter="t@v1", student_ratio=1.0, updated_at=utcnow())
+        )
         session.commit()
     gw._load_tasks()
     assert gw.task_states["t"].stage is Stage.serving

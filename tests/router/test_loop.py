@@ -54,7 +54,7 @@ def db(sqlite_url: str) -> Iterator[Database]:
     envelope = StudentEnvelope(models=frozenset({"gpt-big"}), max_prompt_tokens=1000)
     with database.session() as session:
         session.add(
-            Task(key="classify", stage="shadow", adapter="classify@v1", features=envelope.to_features())
+            Task(key="classify", stage=Stage.shadow, adapter="classify@v1", features=envelope.to_features())
         )
         session.commit()
     yield database
