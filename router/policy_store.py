@@ -95,6 +95,10 @@ class PolicyStore:
             raise PolicyError(f"invalid policy: {self.path} is not valid YAML: {exc}") from None
         return parse_policy(data, str(self.path))
 
+    def current(self) -> Policy:
+        """The policy in force (for parts that take a policy reader)."""
+        return self.policy
+
     def on_reload(self, callback: ReloadCallback) -> None:
         """Register ``callback`` to run after each successful reload."""
         self.callbacks.append(callback)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 from litestar import Request, get, post
@@ -12,13 +12,15 @@ from sqlmodel import col, select
 
 from gateway.auth import require_admin
 from gateway.errors import NotFound
+
+if TYPE_CHECKING:
+    from gateway.app import ServingParts
 from gateway.protocol import decode_body, validate
-from gateway.runtime import Gateway
 from gateway.store.models import Record
 
 
-async def admin_caller(request: Request[Any, Any, Any]) -> Gateway:
-    gw: Gateway = request.app.state.gateway
+async def admin_caller(request: Request[Any, Any, Any]) -> ServingParts:
+    gw: ServingParts = request.app.state.parts
     caller = await gw.keys.authenticate(request.headers.get("authorization"))
     require_admin(caller)
     return gw
@@ -81,8 +83,8 @@ class FeedbackRequest(msgspec.Struct):
 @post("/v1/feedback", status_code=200, summary="Attach feedback to a recorded exchange", tags=["feedback"])
 async def feedback(request: Request[Any, Any, Any]) -> dict[str, Any]:
     """Any valid key may rate its exchanges; the trainer excludes negatively rated ones."""
-    gw: Gateway = request.app.state.gateway
-    caller = await gw.authenticate(request.headers.get("authorization"))
+    gw: ServingParts = request.app.state.parts
+    caller = await gw.keys.caller(request.headers.get("authorization"))
     fb = validate(decode_body(await request.body()), FeedbackRequest)
     await asyncio.to_thread(gw.recorder.flush)
 

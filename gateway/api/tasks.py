@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
 from litestar import Request, Response, get, post
@@ -21,10 +21,12 @@ from litestar.types import ExceptionHandlersMap
 
 from gateway.api.admin import admin_caller
 from gateway.errors import Conflict, NotFound, error_bytes
-from gateway.runtime import Gateway
 from gateway.store.models import Stage, Task
 from router.policy import policy_summary
 from router.stages import DEFAULT_CANARY, TransitionError, UnknownTask
+
+if TYPE_CHECKING:
+    from gateway.app import ServingParts
 from router.tasks import ACTIONS, Action, UnknownAdapter, force_move, recent_pairs, task_detail, task_rows
 
 StageName = Literal["collecting", "training", "shadow", "canary", "serving", "rolled_back", "paused"]
@@ -82,8 +84,8 @@ class TransitionRequest(msgspec.Struct, forbid_unknown_fields=True):
     """For ``to: canary``: the step (default: the next one from canary, else 0)."""
 
 
-def _gateway(request: Request[Any, Any, Any]) -> Gateway:
-    return request.app.state.gateway
+def _gateway(request: Request[Any, Any, Any]) -> ServingParts:
+    return request.app.state.parts
 
 
 @get(
@@ -154,7 +156,7 @@ async def _move(
     canary_step: int | None = None,
 ) -> dict[str, Any]:
     gw = _gateway(request)
-    policy = gw.policy
+    policy = gw.policy()
     canary = policy.for_task(task).canary if policy is not None else list(DEFAULT_CANARY)
     text = f"forced through the admin API: {reason or move}"
     try:
@@ -176,11 +178,7 @@ async def _move(
     except TransitionError as exc:
         what = f"{move} task '{task}'" if move in ACTIONS else f"move task '{task}' to {move}"
         raise Conflict(f"Cannot {what}: {exc}.", code="illegal_transition") from None
-    gw.apply_task(moved)
-    if moved.stage == Stage.rolled_back:
-        gw.metrics.rollbacks.labels(task).inc()
-    elif move == "promote":
-        gw.metrics.promotions.labels(task).inc()
+    gw.tasks.moved(moved, promoted=move == "promote")
     return await asyncio.to_thread(task_detail, gw.db, task, 10)
 
 
@@ -272,7 +270,7 @@ async def get_policy(request: Request[Any, Any, Any]) -> dict[str, Any]:
     edit's error naming the bad key (cleared by the next good one)."""
     gw = _gateway(request)
     store = gw.policy_store
-    policy = gw.policy
+    policy = gw.policy()
     return {
         "file": str(store.path) if store is not None and store.path is not None else None,
         "version": store.version if store is not None else 0,

@@ -10,15 +10,17 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
 from gateway import sse
-from gateway.cache import cache_directive, cache_key, is_cacheable
-from gateway.errors import Overloaded, UpstreamError, error_bytes
+from gateway.auth import KeyRing
+from gateway.cache import PromptCache, cache_directive, cache_key, is_cacheable
+from gateway.errors import UpstreamError, error_bytes
+from gateway.metrics import Metrics
 from gateway.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -29,12 +31,14 @@ from gateway.protocol import (
     task_key,
     validate,
 )
-from gateway.recorder import Exchange
-from gateway.runtime import Gateway
+from gateway.recorder import Exchange, Recorder
 from gateway.store.models import Stage, new_id
-from gateway.upstream import Upstream, UpstreamAnswer
+from gateway.task_table import TaskTable
+from gateway.upstream import Upstream, UpstreamAnswer, Upstreams
 from router.decide import PIN_HEADER, RequestFeatures, RouteDecision, TaskState, decide, parse_pin
-from router.shadow import ShadowJob
+from router.policy import Policy
+from router.promotion import Promoter
+from router.shadow import ShadowJob, ShadowMirror
 
 JSON = "application/json"
 TEACHER_ONLY = frozenset({Stage.collecting, Stage.training, Stage.paused, Stage.rolled_back})
@@ -89,58 +93,104 @@ def opted_out(body: dict[str, Any], headers: Mapping[str, str]) -> bool:
 
 
 class Pipeline:
-    """Serves the OpenAI endpoints for one gateway."""
+    """Serves the OpenAI endpoints, on the parts the process built in its lifespan."""
 
-    def __init__(self, gateway: Gateway) -> None:
-        self.gw = gateway
+    def __init__(
+        self,
+        *,
+        keys: KeyRing,
+        policy: Callable[[], Policy | None],
+        tasks: TaskTable,
+        cache: PromptCache,
+        upstreams: Upstreams,
+        recorder: Recorder,
+        shadow: ShadowMirror,
+        promoter: Promoter,
+        metrics: Metrics,
+        max_body_bytes: int,
+    ) -> None:
+        self.keys = keys
+        self.policy = policy
+        self.tasks = tasks
+        self.cache = cache
+        self.upstreams = upstreams
+        self.recorder = recorder
+        self.shadow = shadow
+        self.promoter = promoter
+        self.metrics = metrics
+        self.max_body_bytes = max_body_bytes
         self._background: set[asyncio.Task[None]] = set()
 
     # -- endpoints ---------------------------------------------------------------------------
     async def chat(self, raw: bytes, headers: Mapping[str, str]) -> Reply:
         started = time.perf_counter()
-        self._admit()
-        try:
-            caller = await self.gw.authenticate(headers.get("authorization"))
-            body = decode_body(raw)
-            req: ChatCompletionRequest = check_chat(body)
-            call = Call(
-                id=new_id(),
-                endpoint="chat.completions",
-                path="/chat/completions",
-                task=task_key(req.metadata, headers.get("x-distillgate-task"), req),
-                model=req.model,
-                body=body,
-                raw=raw,
-                stream=bool(req.stream),
-                stored=not opted_out(body, headers),
-                key_id=caller.key_id,
-                started=started,
+        caller = await self.keys.caller(headers.get("authorization"))
+        body = decode_body(raw)
+        req: ChatCompletionRequest = check_chat(body)
+        call = Call(
+            id=new_id(),
+            endpoint="chat.completions",
+            path="/chat/completions",
+            task=task_key(req.metadata, headers.get("x-distillgate-task"), req),
+            model=req.model,
+            body=body,
+            raw=raw,
+            stream=bool(req.stream),
+            stored=not opted_out(body, headers),
+            key_id=caller.key_id,
+            started=started,
+        )
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        hit = await self._consult_cache(call, req, headers)
+        if hit is not None:
+            return self._serve_cached(call, hit, include_usage)
+        teacher = self.upstreams.require_teacher()
+        decision = self._decide(call, headers, caller.admin)
+        if decision is not None and decision.target == "student" and decision.adapter:
+            if self.upstreams.student is not None:
+                answered = await self._try_student(
+                    call, self.upstreams.student, decision.adapter, include_usage=include_usage
+                )
+                if answered is not None:
+                    return answered
+            # The student failed before a byte reached the client: the teacher answers, and
+            # no pair is made of this request.
+            call.decision = None
+        return await self._forward(call, teacher, "teacher", include_usage=include_usage)
+
+    async def models(self, authorization: str | None) -> bytes:
+        """``GET /v1/models``: the teacher's models, then each student adapter that serves a task."""
+        await self.keys.caller(authorization)
+        policy = self.policy()
+        data: list[dict[str, Any]] = []
+        if policy is not None:
+            names = list(policy.teacher.models) or ([policy.teacher.model] if policy.teacher.model else [])
+            teacher = self.upstreams.teacher
+            if not names and teacher is not None:
+                try:
+                    status, raw = await teacher.get("/models")
+                    if status == 200:
+                        names = [m["id"] for m in orjson.loads(raw).get("data", []) if isinstance(m, dict)]
+                except Exception:
+                    names = []
+            data = [{"id": name, "object": "model", "created": 0, "owned_by": "teacher"} for name in names]
+        for adapter, task in self.tasks.serving_adapters():
+            data.append(
+                {
+                    "id": adapter,
+                    "object": "model",
+                    "created": int(time.time()),
+                    "owned_by": "distillgate",
+                    "parent": policy.student.base_model if policy and policy.student else None,
+                    "task": task,
+                }
             )
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            hit = await self._consult_cache(call, req, headers)
-            if hit is not None:
-                return self._serve_cached(call, hit, include_usage)
-            teacher = self.gw.require_teacher()
-            decision = self._decide(call, headers, caller.admin)
-            if decision is not None and decision.target == "student" and decision.adapter:
-                if self.gw.student is not None:
-                    answered = await self._try_student(
-                        call, self.gw.student, decision.adapter, include_usage=include_usage
-                    )
-                    if answered is not None:
-                        return answered
-                # The student failed before a byte reached the client: the teacher answers, and
-                # no pair is made of this request.
-                call.decision = None
-            return await self._forward(call, teacher, "teacher", include_usage=include_usage)
-        except BaseException:
-            self.gw.in_flight -= 1
-            raise
+        return orjson.dumps({"object": "list", "data": data})
 
     def _decide(self, call: Call, headers: Mapping[str, str], admin: bool) -> RouteDecision | None:
         """The route decision for a chat call; None for the common case of a teacher-only task."""
-        policy = self.gw.policy
-        state = self.gw.task_states.get(call.task)
+        policy = self.policy()
+        state = self.tasks.task_states.get(call.task)
         pin = parse_pin(headers.get(PIN_HEADER)) if admin else None
         if policy is None or ((state is None or state.stage in TEACHER_ONLY) and pin is None):
             return None
@@ -158,31 +208,29 @@ class Pipeline:
         self, call: Call, req: ChatCompletionRequest, headers: Mapping[str, str]
     ) -> bytes | None:
         """A cached answer, or None; marks ``call`` to store (and lead waiters) on a miss."""
-        policy = self.gw.policy
+        policy = self.policy()
         task_policy = policy.for_task(call.task) if policy is not None else None
         if task_policy is None or not is_cacheable(req, task_policy.cache):
-            self.gw.metrics.child(self.gw.metrics.cache_requests, call.task, "bypass").inc()
+            self.metrics.child(self.metrics.cache_requests, call.task, "bypass").inc()
             return None
         may_read, may_write = cache_directive(headers)
         key = cache_key(call.task, call.body)
         if may_read:
-            hit = await self.gw.cache.get(key)
+            hit = await self.cache.get(key)
             if hit is None:
-                waiting = self.gw.cache.lead_or_follow(key)
+                waiting = self.cache.lead_or_follow(key)
                 if waiting is None:
                     call.cache_lead = True
                 else:
                     hit = await waiting  # the leader's answer; None if it failed
             if hit is not None:
-                self.gw.metrics.child(self.gw.metrics.cache_requests, call.task, "hit").inc()
+                self.metrics.child(self.metrics.cache_requests, call.task, "hit").inc()
                 return hit
         if may_write:
             call.cache_key = key
             call.cache_ttl_s = task_policy.cache.ttl
             call.cache_max_bytes = task_policy.cache.max_entry_bytes
-        self.gw.metrics.child(
-            self.gw.metrics.cache_requests, call.task, "miss" if may_read else "bypass"
-        ).inc()
+        self.metrics.child(self.metrics.cache_requests, call.task, "miss" if may_read else "bypass").inc()
         return None
 
     async def completions(self, raw: bytes, headers: Mapping[str, str]) -> Reply:
@@ -200,32 +248,27 @@ class Pipeline:
         shape: type[CompletionRequest] | type[EmbeddingRequest],
     ) -> Reply:
         started = time.perf_counter()
-        self._admit()
-        try:
-            caller = await self.gw.authenticate(headers.get("authorization"))
-            body = decode_body(raw)
-            req = validate(body, shape)
-            check_metadata(req.metadata)
-            call = Call(
-                id=new_id(),
-                endpoint=endpoint,
-                path=path,
-                task=task_key(req.metadata, headers.get("x-distillgate-task"), None),
-                model=req.model,
-                body=body,
-                raw=raw,
-                stream=bool(getattr(req, "stream", False)),
-                stored=not opted_out(body, headers),
-                key_id=caller.key_id,
-                started=started,
-            )
-            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            return await self._forward(
-                call, self.gw.require_teacher(), "teacher", include_usage=include_usage
-            )
-        except BaseException:
-            self.gw.in_flight -= 1
-            raise
+        caller = await self.keys.caller(headers.get("authorization"))
+        body = decode_body(raw)
+        req = validate(body, shape)
+        check_metadata(req.metadata)
+        call = Call(
+            id=new_id(),
+            endpoint=endpoint,
+            path=path,
+            task=task_key(req.metadata, headers.get("x-distillgate-task"), None),
+            model=req.model,
+            body=body,
+            raw=raw,
+            stream=bool(getattr(req, "stream", False)),
+            stored=not opted_out(body, headers),
+            key_id=caller.key_id,
+            started=started,
+        )
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        return await self._forward(
+            call, self.upstreams.require_teacher(), "teacher", include_usage=include_usage
+        )
 
     def _serve_cached(self, call: Call, hit: bytes, include_usage: bool) -> Reply:
         """Answer from the cache (no upstream call); replayed as SSE when the client streams."""
@@ -234,12 +277,10 @@ class Pipeline:
         if not call.stream:
             self._record(call, "cache", 200, latency, data=hit, cache_hit=True)
             self._observe(call, "cache", 200, latency, 0.0)
-            self.gw.in_flight -= 1
             return Reply(200, headers, hit)
         response = orjson.loads(hit)
         self._record(call, "cache", 200, latency, response=response, cache_hit=True, ttft=latency)
         self._observe(call, "cache", 200, latency, 0.0, ttft=latency)
-        self.gw.in_flight -= 1
         return Reply(
             200,
             {**headers, **SSE_HEADERS},
@@ -250,7 +291,7 @@ class Pipeline:
 
     def _settle_cache(self, call: Call, status: int, answer: bytes | None) -> None:
         """Store a fresh answer and release the requests that waited for it."""
-        cache = self.gw.cache
+        cache = self.cache
         ok = status == 200 and answer is not None
         if ok and call.cache_key is not None:
             cache.put(call.cache_key, call.task, answer, call.cache_ttl_s, call.cache_max_bytes)  # type: ignore[arg-type]
@@ -259,12 +300,6 @@ class Pipeline:
             cache.settle(call.cache_key or cache_key(call.task, call.body), answer if ok else None)
 
     # -- shared ------------------------------------------------------------------------------
-    def _admit(self) -> None:
-        if self.gw.in_flight >= self.gw.settings.max_in_flight:
-            self.gw.metrics.shed.inc()
-            raise Overloaded("The gateway is at capacity; retry shortly.")
-        self.gw.in_flight += 1
-
     def headers_for(self, call: Call, target: str) -> dict[str, str]:
         return {
             "x-distillgate-request-id": call.id,
@@ -288,28 +323,24 @@ class Pipeline:
         return orjson.dumps(body), True
 
     async def _forward(self, call: Call, upstream: Upstream, target: str, *, include_usage: bool) -> Reply:
-        """Send ``call`` to ``upstream`` (the teacher) and answer the client; records every outcome.
-
-        The caller has admitted the request (``in_flight``); this releases it when the answer
-        (or the stream) is finished.
-        """
+        """Send ``call`` to ``upstream`` (the teacher) and answer the client; records every outcome."""
         payload, strip_usage = self._payload(call, include_usage)
         upstream_started = time.perf_counter()
         try:
             answer = await upstream.send(call.path, payload)
         except UpstreamError as exc:
-            self.gw.metrics.upstream_errors.labels(target, exc.code or "error").inc()
+            self.metrics.upstream_errors.labels(target, exc.code or "error").inc()
             latency = time.perf_counter() - call.started
             self._record(call, target, exc.status, latency, error=exc.message)
             self._observe(call, target, exc.status, latency, latency)
             self._settle_cache(call, exc.status, None)
-            raise  # the endpoint's handler releases ``in_flight`` on the way out
+            raise
         data = None
         if not call.stream or answer.status >= 400:
             data = await answer.read()
             if answer.status >= 400:
                 data = _as_openai_error(data, answer.status, target)
-                self.gw.metrics.upstream_errors.labels(target, f"http_{answer.status}").inc()
+                self.metrics.upstream_errors.labels(target, f"http_{answer.status}").inc()
         return self._respond(call, answer, target, upstream_started, strip_usage, data=data)
 
     async def _try_student(
@@ -319,7 +350,7 @@ class Pipeline:
         (error status, timeout, junk, an empty stream): the teacher answers instead."""
         target = f"student:{adapter}"
         payload, strip_usage = self._payload(call, include_usage, model=adapter)
-        policy = self.gw.policy
+        policy = self.policy()
         timeout_s = policy.student.timeout if policy is not None and policy.student is not None else 60.0
         upstream_started = time.perf_counter()
         answer: UpstreamAnswer | None = None
@@ -349,7 +380,7 @@ class Pipeline:
             if answer is not None:
                 answer.close()
             kind = exc.code if isinstance(exc, UpstreamError) and exc.code else type(exc).__name__.lower()
-            self.gw.metrics.upstream_errors.labels("student", kind or "error").inc()
+            self.metrics.upstream_errors.labels("student", kind or "error").inc()
             self._student_outcome(call, adapter, ok=False)
             return None
         if not call.stream:
@@ -357,9 +388,9 @@ class Pipeline:
         return response
 
     def _student_outcome(self, call: Call, adapter: str, *, ok: bool) -> None:
-        if self.gw.promoter.student_outcome(call.task, adapter, ok):
+        if self.promoter.student_outcome(call.task, adapter, ok):
             rollback = asyncio.get_running_loop().create_task(
-                asyncio.to_thread(self.gw.promoter.rollback_for_errors, call.task, adapter)
+                asyncio.to_thread(self.promoter.rollback_for_errors, call.task, adapter)
             )
             self._background.add(rollback)  # type: ignore[arg-type]
             rollback.add_done_callback(self._background.discard)
@@ -386,7 +417,6 @@ class Pipeline:
             self._observe(call, target, answer.status, latency, waited)
             self._settle_cache(call, answer.status, data)
             self._pair(call, target, answer.status, data, is_sse=False, latency=latency)
-            self.gw.in_flight -= 1
             return Reply(answer.status, headers, data)
         return Reply(
             answer.status,
@@ -450,7 +480,7 @@ class Pipeline:
                 yield pending
         except OSError as exc:  # the connection broke or went quiet (TimeoutError is an OSError)
             status, error = 502, f"The {side} stream broke off ({type(exc).__name__})."
-            self.gw.metrics.upstream_errors.labels(side, "stream_broken").inc()
+            self.metrics.upstream_errors.labels(side, "stream_broken").inc()
             yield b"data: " + error_bytes(error, "upstream_error", None, "stream_broken") + b"\n\n"
         except BaseException:
             # A client that leaves once it has the terminating "data: [DONE]" (the OpenAI SDKs
@@ -477,7 +507,6 @@ class Pipeline:
             if side == "student" and status != 499:
                 self._student_outcome(call, target.split(":", 1)[1], ok=status == 200)
             self._pair(call, target, status, raw, is_sse=True, latency=latency)
-            self.gw.in_flight -= 1
 
     def _pair(
         self, call: Call, target: str, status: int, data: bytes, *, is_sse: bool, latency: float
@@ -496,8 +525,8 @@ class Pipeline:
         except orjson.JSONDecodeError:
             return
         student = target.startswith("student:")
-        state = self.gw.task_states.get(call.task)
-        self.gw.shadow.submit(
+        state = self.tasks.task_states.get(call.task)
+        self.shadow.submit(
             ShadowJob(
                 record_id=call.id,
                 task=call.task,
@@ -526,7 +555,7 @@ class Pipeline:
         cache_hit: bool = False,
         sse_body: bool = False,
     ) -> None:
-        self.gw.recorder.submit(
+        self.recorder.submit(
             Exchange(
                 id=call.id,
                 task=call.task,
@@ -565,7 +594,7 @@ class Pipeline:
     def _observe(
         self, call: Call, target: str, status: int, latency: float, waited: float, ttft: float | None = None
     ) -> None:
-        m = self.gw.metrics
+        m = self.metrics
         label = "student" if target.startswith("student") else target
         m.child(m.requests, call.task, label, str(status)).inc()
         m.child(m.request_duration, call.task, label).observe(latency)
