@@ -13,6 +13,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from gateway.store.models import Stage
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # LLM answers take from milliseconds (cache, tiny student) to minutes (long teacher generations).
@@ -169,6 +171,6 @@ class Metrics:
             return generate_latest(registry)
         return generate_latest(self.registry)
 
-    def set_stage(self, task: str, stage: str, stages: tuple[str, ...]) -> None:
-        for name in stages:
+    def set_stage(self, task: str, stage: Stage) -> None:
+        for name in Stage:
             self.task_stage.labels(task, name).set(1.0 if name == stage else 0.0)

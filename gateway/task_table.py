@@ -23,7 +23,6 @@ from router.decide import TaskState
 from router.policy import Policy
 from router.promotion import GateOutcome
 
-_STAGES = tuple(Stage)
 _SERVING = frozenset({Stage.canary, Stage.serving})
 
 
@@ -108,5 +107,5 @@ class TaskTable:
         self.task_states = {key: TaskState.from_task(task, student) for key, task in rows.items()}
         self.rows = rows
         for key, task in rows.items():
-            self.metrics.set_stage(key, task.stage, _STAGES)
+            self.metrics.set_stage(key, task.stage)
             self.metrics.student_ratio.labels(key).set(task.student_ratio)

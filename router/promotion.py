@@ -31,7 +31,7 @@ class GateOutcome:
     """A verdict and, when it moved the task, the task as stored afterwards."""
 
     task: str
-    from_stage: str
+    from_stage: Stage
     verdict: GateVerdict
     applied: Task | None = None
 

@@ -210,7 +210,8 @@ class ShadowPair(SQLModel, table=True):
     adapter: str = Field(index=True, max_length=240)
     kind: str = Field(default="shadow", max_length=20)
     """shadow (candidate mirrored) | canary (evidence at a canary step) | audit (serving task checked)."""
-    stage: str = Field(default="shadow", max_length=20)
+    stage: Stage = Field(default=Stage.shadow, sa_type=StageType)
+    """The task's stage when the request was routed."""
     scorer: str = Field(default="exact", max_length=40)
     score: float = 0.0
     passed: bool = False

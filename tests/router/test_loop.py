@@ -99,7 +99,7 @@ async def run_traffic(db: Database, agree: bool, rounds: int, per_round: int = 1
                     "classify",
                     d.adapter or "",
                     d.pair_kind or "shadow",
-                    state.stage.value,
+                    state.stage,
                     request,
                     teacher_response=reply(label),
                 )
@@ -111,7 +111,7 @@ async def run_traffic(db: Database, agree: bool, rounds: int, per_round: int = 1
                     "classify",
                     d.adapter or "",
                     d.pair_kind or "audit",
-                    state.stage.value,
+                    state.stage,
                     request,
                     student_response=answer,
                 )
