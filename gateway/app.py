@@ -15,7 +15,7 @@ from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import OpenAPIConfig
 
 from gateway import __version__
-from gateway.api import admin, health, openai, tasks
+from gateway.api import admin, feedback, health, openai
 from gateway.auth import KeyRing
 from gateway.cache import PromptCache
 from gateway.errors import GatewayError, error_bytes
@@ -225,7 +225,7 @@ def create_app(
     when ``run_scheduler`` is on)."""
     settings = settings or Settings()
     return Litestar(
-        route_handlers=[*openai.ROUTES, *health.ROUTES, *admin.ROUTES, *tasks.ROUTES, metrics_endpoint],
+        route_handlers=[*openai.ROUTES, *feedback.ROUTES, *health.ROUTES, admin.router, metrics_endpoint],
         lifespan=[serving(settings, policy=policy, scheduler=scheduler)],
         dependencies=dependencies(*PARTS),
         exception_handlers={

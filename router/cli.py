@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Annotated
 
+import msgspec
 import typer
 from rich import box
 from rich.console import Console
@@ -50,13 +51,13 @@ def check(
         raise typer.Exit(1) from None
     summary = policy_summary(policy)
     if as_json:
-        typer.echo(json.dumps({"ok": True, "file": str(file), **summary}))
+        typer.echo(json.dumps({"ok": True, "file": str(file), **msgspec.to_builtins(summary)}))
         return
     console.print(f"[green]OK[/green] {file}", highlight=False)
-    student = summary["student"]
+    student = summary.student
     console.print(
         f"teacher {policy.teacher.base_url} ({policy.teacher.model or 'model passed through'}); "
-        f"student {student['base_url'] + ' ' + student['base_model'] if student else 'none'}",
+        f"student {student.base_url + ' ' + student.base_model if student else 'none'}",
         highlight=False,
         soft_wrap=True,
     )
@@ -64,15 +65,15 @@ def check(
     table.add_column("task", overflow="fold", min_width=16)
     for name in ("scorer", "pass ≥", "min n", "shadow", "canary %", "audit"):
         table.add_column(name)
-    for row in summary["tasks"]:
+    for row in summary.tasks:
         table.add_row(
-            row["task"],
-            row["scorer"] if row["distill"] else "teacher only",
-            f"{row['threshold']:g}",
-            str(row["min_samples"]),
-            f"{row['shadow_rate']:.0%}",
-            "/".join(f"{x * 100:g}" for x in row["canary"]),
-            f"{row['audit_rate']:.0%}, <{row['rollback_below']:g}",
+            row.task,
+            row.scorer if row.distill else "teacher only",
+            f"{row.threshold:g}",
+            str(row.min_samples),
+            f"{row.shadow_rate:.0%}",
+            "/".join(f"{x * 100:g}" for x in row.canary),
+            f"{row.audit_rate:.0%}, <{row.rollback_below:g}",
         )
     console.print(table)
 
@@ -120,6 +121,10 @@ def _percent(value: float | None) -> str:
     return f"{value:.3f}" if value is not None else "-"
 
 
+def _stage(stage: Stage, canary_step: int) -> str:
+    return f"{stage} {canary_step}" if stage == Stage.canary else str(stage)
+
+
 @tasks_app.callback(invoke_without_command=True)
 def tasks(
     ctx: typer.Context,
@@ -137,19 +142,18 @@ def tasks(
     finally:
         db.dispose()
     if as_json:
-        typer.echo(json.dumps({"tasks": rows}))
+        typer.echo(json.dumps({"tasks": msgspec.to_builtins(rows)}))
         return
     table = Table("task", "stage", "adapter", "student", "pairs", "pass rate", "reason")
     for row in rows:
-        stage = row["stage"] + (f" {row['canary_step']}" if row["stage"] == Stage.canary else "")
         table.add_row(
-            row["task"],
-            stage,
-            row["adapter"] or "-",
-            f"{row['student_ratio']:.0%}",
-            str(row["pairs"]),
-            _percent(row["pass_rate"]),
-            row["reason"] or "",
+            row.task,
+            _stage(row.stage, row.canary_step),
+            row.adapter or "-",
+            f"{row.student_ratio:.0%}",
+            str(row.pairs),
+            _percent(row.pass_rate),
+            row.reason or "",
         )
     Console().print(table)
 
@@ -174,41 +178,40 @@ def show(
     finally:
         db.dispose()
     if as_json:
-        typer.echo(json.dumps({**detail, "pairs": recent}))
+        typer.echo(json.dumps({**msgspec.to_builtins(detail), "pairs": msgspec.to_builtins(recent)}))
         return
     console = Console()
-    stage = detail["stage"] + (f" {detail['canary_step']}" if detail["stage"] == Stage.canary else "")
     console.print(
-        f"[bold]{task}[/bold]  {stage}  adapter {detail['adapter'] or '-'}  "
-        f"student {detail['student_ratio']:.0%}  pass rate {_percent(detail['pass_rate'])} "
-        f"over {detail['pairs']} pairs",
+        f"[bold]{task}[/bold]  {_stage(detail.stage, detail.canary_step)}  adapter {detail.adapter or '-'}  "
+        f"student {detail.student_ratio:.0%}  pass rate {_percent(detail.pass_rate)} "
+        f"over {detail.pairs} pairs",
         highlight=False,
         soft_wrap=True,
     )
     moves = Table(
         "when", "from", "to", "adapter", "forced", "reason", title="transitions", box=box.SIMPLE_HEAD
     )
-    for move in detail["transitions"]:
+    for move in detail.transitions:
         moves.add_row(
-            move["created_at"][:19],
-            move["from_stage"],
-            move["to_stage"],
-            move["adapter"] or "-",
-            "yes" if move["forced"] else "",
-            move["reason"],
+            move.created_at[:19],
+            move.from_stage,
+            move.to_stage,
+            move.adapter or "-",
+            "yes" if move.forced else "",
+            move.reason,
         )
     console.print(moves)
     if recent:
         table = Table("when", "kind", "adapter", "scorer", "score", "passed", "error", title="recent pairs")
         for pair in recent:
             table.add_row(
-                pair["created_at"][:19],
-                pair["kind"],
-                pair["adapter"],
-                pair["scorer"],
-                f"{pair['score']:.3f}",
-                "yes" if pair["passed"] else "no",
-                pair["error"] or "",
+                pair.created_at[:19],
+                pair.kind,
+                pair.adapter,
+                pair.scorer,
+                f"{pair.score:.3f}",
+                "yes" if pair.passed else "no",
+                pair.error or "",
             )
         console.print(table)
 
@@ -255,9 +258,8 @@ def _apply(
     if as_json:
         typer.echo(json.dumps({"ok": True, **row}))
         return
-    stage = moved.stage + (f" {moved.canary_step}" if moved.stage == Stage.canary else "")
     Console().print(
-        f"{task}: {stage} (adapter {moved.adapter or '-'}, student {moved.student_ratio:.0%}); "
+        f"{task}: {_stage(moved.stage, moved.canary_step)} (adapter {moved.adapter or '-'}, student {moved.student_ratio:.0%}); "
         "gateways route on it within a second",
         highlight=False,
         soft_wrap=True,

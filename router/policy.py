@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import msgspec
 import yaml
 from pydantic import (
     BaseModel,
@@ -272,31 +273,62 @@ def load_policy(path: str | Path) -> Policy:
     return parse_policy(data, str(path))
 
 
-def _summary_row(name: str, tp: TaskPolicy) -> dict[str, Any]:
-    return {
-        "task": name,
-        "distill": tp.distill,
-        "scorer": tp.promote.scorer,
-        "threshold": tp.promote.threshold,
-        "min_samples": tp.promote.min_samples,
-        "shadow_rate": tp.shadow.rate,
-        "canary": list(tp.canary),
-        "audit_rate": tp.audit.rate,
-        "rollback_below": tp.audit.rollback_below,
-        "cache": tp.cache.enabled,
-    }
+class TaskPolicyRow(msgspec.Struct, kw_only=True):
+    """The resolved settings of one task (or of the defaults) that decide its path to the student."""
+
+    task: str
+    distill: bool
+    scorer: str
+    threshold: float
+    min_samples: int
+    shadow_rate: float
+    canary: list[float]
+    audit_rate: float
+    rollback_below: float
+    cache: bool
 
 
-def policy_summary(policy: Policy) -> dict[str, Any]:
+class TeacherSummary(msgspec.Struct, kw_only=True):
+    base_url: str
+    model: str | None
+
+
+class StudentSummary(msgspec.Struct, kw_only=True):
+    base_url: str
+    base_model: str
+
+
+class PolicySummary(msgspec.Struct, kw_only=True):
+    """What a policy says, for people (``policy check``) and the admin API (``GET /admin/policy``)."""
+
+    teacher: TeacherSummary
+    student: StudentSummary | None
+    tasks: list[TaskPolicyRow]
+    """The defaults (as ``(defaults)``), then every task the policy names."""
+
+
+def _summary_row(name: str, tp: TaskPolicy) -> TaskPolicyRow:
+    return TaskPolicyRow(
+        task=name,
+        distill=tp.distill,
+        scorer=tp.promote.scorer,
+        threshold=tp.promote.threshold,
+        min_samples=tp.promote.min_samples,
+        shadow_rate=tp.shadow.rate,
+        canary=list(tp.canary),
+        audit_rate=tp.audit.rate,
+        rollback_below=tp.audit.rollback_below,
+        cache=tp.cache.enabled,
+    )
+
+
+def policy_summary(policy: Policy) -> PolicySummary:
     """The resolved settings of the defaults and of every task named in the policy."""
     rows = [_summary_row("(defaults)", TaskPolicy.model_validate(policy.defaults))]
     rows += [_summary_row(name, policy.for_task(name)) for name in policy.tasks]
-    return {
-        "teacher": {"base_url": policy.teacher.base_url, "model": policy.teacher.model},
-        "student": (
-            {"base_url": policy.student.base_url, "base_model": policy.student.base_model}
-            if policy.student
-            else None
-        ),
-        "tasks": rows,
-    }
+    student = policy.student
+    return PolicySummary(
+        teacher=TeacherSummary(base_url=policy.teacher.base_url, model=policy.teacher.model),
+        student=StudentSummary(base_url=student.base_url, base_model=student.base_model) if student else None,
+        tasks=rows,
+    )
