@@ -17,7 +17,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from router.policy import deep_merge
+from gateway.overlay import overlay
 
 
 class AuthSettings(BaseModel):
@@ -142,6 +142,6 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
             if not policy.is_absolute():
                 data["policy_file"] = Path(config_file).parent / policy
     from_env = Settings()  # only the environment; exclude_unset keeps just what it set
-    merged = deep_merge(data, from_env.model_dump(exclude_unset=True))
-    merged = deep_merge(merged, overrides)
+    merged = overlay(data, from_env.model_dump(exclude_unset=True))
+    merged = overlay(merged, overrides)
     return Settings(**merged)

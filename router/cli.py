@@ -15,6 +15,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from gateway.cli_options import ConfigOpt, JsonOpt, settings_from
 from gateway.store.db import Database
 from gateway.store.models import Stage
 from router.policy import PolicyError, load_policy, policy_summary
@@ -36,7 +37,7 @@ def register(app: typer.Typer) -> None:
 @policy_app.command("check")
 def check(
     file: Annotated[Path, typer.Argument(help="The policy YAML file.")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Validate a policy file: OK and a summary of each task, or the error naming the bad key (exit 1)."""
     console = Console()
@@ -79,18 +80,12 @@ def check(
 
 
 def _database_url(config: Path | None, database_url: str | None) -> str:
-    if database_url:
-        return database_url
-    from gateway.settings import load_settings  # the process settings, only when no URL is given
-
-    return load_settings(config).database_url
+    return database_url or settings_from(config).database_url
 
 
 def _canary(config: Path | None, task: str) -> list[float]:
     """The task's canary steps from the policy file the settings name (the defaults without one)."""
-    from gateway.settings import load_settings
-
-    policy_file = load_settings(config).policy_file
+    policy_file = settings_from(config).policy_file
     if policy_file is None:
         return list(DEFAULT_CANARY)
     try:
@@ -100,20 +95,9 @@ def _canary(config: Path | None, task: str) -> list[float]:
         raise typer.Exit(1) from None
 
 
-ConfigOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--config",
-        "-c",
-        help="Settings YAML (for the database URL and the policy file).",
-        envvar="DISTILLGATE_CONFIG",
-        dir_okay=False,
-    ),
-]
 DatabaseOption = Annotated[
     str | None, typer.Option("--database-url", envvar="DISTILLGATE_DATABASE_URL", help="Database URL.")
 ]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
 ReasonOption = Annotated[str | None, typer.Option("--reason", "-r", help="Why (stored with the transition).")]
 
 
@@ -128,9 +112,9 @@ def _stage(stage: Stage, canary_step: int) -> str:
 @tasks_app.callback(invoke_without_command=True)
 def tasks(
     ctx: typer.Context,
-    config: ConfigOption = None,
+    config: ConfigOpt = None,
     database_url: DatabaseOption = None,
-    as_json: JsonOption = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """List tasks: stage, adapter, student share of traffic, and shadow pair scores (what
     ``GET /admin/tasks`` returns)."""
@@ -162,9 +146,9 @@ def tasks(
 def show(
     task: Annotated[str, typer.Argument(help="The task key.")],
     pairs: Annotated[int, typer.Option("--pairs", "-n", min=0, help="Recent shadow pairs to show.")] = 10,
-    config: ConfigOption = None,
+    config: ConfigOpt = None,
     database_url: DatabaseOption = None,
-    as_json: JsonOption = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """One task: its stage, transitions with their evidence, and recent shadow pairs
     (``GET /admin/tasks/{task}`` and ``…/pairs``)."""
@@ -270,9 +254,9 @@ def _action_command(action: Action, help_text: str) -> None:
     def command(
         task: Annotated[str, typer.Argument(help="The task key.")],
         reason: ReasonOption = None,
-        config: ConfigOption = None,
+        config: ConfigOpt = None,
         database_url: DatabaseOption = None,
-        as_json: JsonOption = False,
+        as_json: JsonOpt = False,
     ) -> None:
         _apply(task, action, reason, config, database_url, as_json)
 
@@ -295,9 +279,9 @@ def transition(
     ] = None,
     canary_step: Annotated[int | None, typer.Option("--canary-step", min=0, help="The canary step.")] = None,
     reason: ReasonOption = None,
-    config: ConfigOption = None,
+    config: ConfigOpt = None,
     database_url: DatabaseOption = None,
-    as_json: JsonOption = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Force a task into any stage (``POST /admin/tasks/{task}/transition``)."""
     _apply(task, stage, reason, config, database_url, as_json, adapter=adapter, canary_step=canary_step)
