@@ -1,4 +1,4 @@
-"""Prometheus metrics (names from DESIGN.md, all prefixed ``distillgate_``).
+"""Prometheus metrics (names in docs/ARCHITECTURE.md, "Metrics"; all prefixed ``distillgate_``).
 
 Each app owns its registry (tests build several apps in one process). With several server
 workers, ``PROMETHEUS_MULTIPROC_DIR`` is set before start and ``/metrics`` aggregates the

@@ -1,10 +1,7 @@
-"""The hot-path HTTP client to the teacher and the student.
+"""The teacher and the student as the pipeline calls them, on ``gateway.http1``'s pools.
 
-``gateway.http1``, chosen by measurement: httpx's async pool collapsed at 64 connections on this
-machine (DESIGN.md); aiohttp held up but took a third of the gateway's GIL time under load; the
-lean protocol-level client takes a fraction of that (README, Performance). Bodies go out as the
-bytes we were given; answers come back as bytes (whole, or chunk by chunk for streams) and are
-never re-encoded here.
+Bodies go out as the bytes we were given; answers come back as bytes (whole, or chunk by chunk
+for streams) and are never re-encoded here.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Table models. One row per request (``Record``) is the source every later stage reads.
 
-Words as in DESIGN.md: a *task* is one prompt family; its *stage* is where it is in
+Words as in docs/ARCHITECTURE.md: a *task* is one prompt family; its *stage* is where it is in
 collecting → training → shadow → canary → serving; an *adapter* is a trained student
 version named ``task@vN``; a *shadow pair* is a teacher answer beside a student answer.
 """
