@@ -3,22 +3,19 @@ handlers, and the parts its lifespan builds (``ServingParts``); no import-time s
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from litestar import Litestar, Request, Response, get
-from litestar.exceptions import HTTPException, ValidationException
+from litestar import Litestar, Response, get
 from litestar.openapi import OpenAPIConfig
 
 from gateway import __version__
-from gateway.api import admin, feedback, health, openai
+from gateway.api import admin, errors, feedback, health, openai
 from gateway.auth import KeyRing
 from gateway.cache import PromptCache
-from gateway.errors import GatewayError, error_bytes
 from gateway.lifespan import (
     Lifespan,
     PolicyReader,
@@ -35,7 +32,7 @@ from gateway.lifespan import (
     training_scheduler,
 )
 from gateway.metrics import CONTENT_TYPE, Metrics
-from gateway.pipeline import JSON, Pipeline
+from gateway.pipeline import Pipeline
 from gateway.recorder import Recorder
 from gateway.settings import Settings
 from gateway.shedding import Admission, LoopLag
@@ -49,45 +46,6 @@ from router.shadow import ScoredPair, ShadowMirror
 
 if TYPE_CHECKING:
     from trainer.scheduler import Scheduler
-
-log = logging.getLogger("distillgate")
-
-_STATUS_TYPES = {
-    401: ("invalid_request_error", "invalid_api_key"),
-    403: ("invalid_request_error", "permission_denied"),
-    404: ("invalid_request_error", "not_found"),
-    405: ("invalid_request_error", "method_not_allowed"),
-    413: ("invalid_request_error", "request_too_large"),
-    415: ("invalid_request_error", "unsupported_media_type"),
-    429: ("rate_limit_error", "rate_limited"),
-}
-
-
-def _gateway_error(_: Request[Any, Any, Any], exc: GatewayError) -> Response[bytes]:
-    headers = {"retry-after": "1"} if exc.status in (429, 503) else None
-    if exc.status == 405:
-        headers = {"allow": "POST"}
-    return Response(content=exc.to_bytes(), status_code=exc.status, media_type=JSON, headers=headers)
-
-
-def _http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
-    status = exc.status_code
-    type_, code = _STATUS_TYPES.get(
-        status, ("invalid_request_error" if status < 500 else "server_error", None)
-    )
-    message = exc.detail or "Request failed."
-    if status == 413:
-        message = "The request body is too large."
-    if isinstance(exc, ValidationException):
-        message = f"Invalid request: {exc.detail}"
-    return Response(content=error_bytes(message, type_, None, code), status_code=status, media_type=JSON)
-
-
-def _unexpected(_: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
-    # Log the type and where, never the request (it may hold secrets).
-    log.error("unexpected %s", type(exc).__name__, exc_info=exc)
-    body = error_bytes("The gateway failed to handle this request.", "server_error", None, "internal_error")
-    return Response(content=body, status_code=500, media_type=JSON)
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,11 +186,7 @@ def create_app(
         route_handlers=[*openai.ROUTES, *feedback.ROUTES, *health.ROUTES, admin.router, metrics_endpoint],
         lifespan=[serving(settings, policy=policy, scheduler=scheduler)],
         dependencies=dependencies(*PARTS),
-        exception_handlers={
-            GatewayError: _gateway_error,
-            HTTPException: _http_error,
-            Exception: _unexpected,
-        },
+        exception_handlers=errors.HANDLERS,
         openapi_config=OpenAPIConfig(title="distillgate", version=__version__, path="/docs"),
         request_max_body_size=settings.max_body_bytes,
         logging_config=None,
