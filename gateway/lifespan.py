@@ -1,11 +1,6 @@
-"""The parts a process runs, each an async context manager for Litestar's ``lifespan``: entered in
-the order the parts need each other, closed in reverse.
-
-Each app factory composes the parts its process runs (``gateway.app`` the gateway's,
-``gateway.worker`` the training worker's) into a frozen record at ``app.state.parts``; handlers
-get single parts with ``Provide`` (``dependencies``), the raw ``/v1`` routes read the pipeline and
-the admission from ``app.state``.
-"""
+"""The parts a process runs, each an async context manager for Litestar's ``lifespan``, and how
+handlers get them (``Provide``). ``gateway.app`` and ``gateway.worker`` compose them into a frozen
+record at ``app.state.parts``, entered in the order the parts need each other, closed in reverse."""
 
 from __future__ import annotations
 

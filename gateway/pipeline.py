@@ -3,8 +3,7 @@ upstream → one finish step (record, observe, settle the cache, count the stude
 
 Bodies are forwarded as the bytes the client sent unless the gateway must change one field
 (the student's adapter name, or asking for stream usage so cost is known); answers go back
-as the bytes the upstream sent, stream chunks as they arrive. The place a request holds in
-``Admission`` is taken and given back around the route (``gateway.shedding``), not here.
+as the bytes the upstream sent, stream chunks as they arrive.
 """
 
 from __future__ import annotations

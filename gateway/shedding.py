@@ -1,10 +1,8 @@
 """Load shedding: refuse new API requests early, while refusing is still cheap.
 
-Two signals: requests in flight (``max_in_flight``) and event-loop lag. Under overload the
-backlog builds *before* handlers run (accepted connections wait for the loop), so counting in
-handlers alone sees it too late; the lag of a 10 ms ticker sees it at once. ``Admission`` is the
-one check of both; the ``/v1`` routes' middleware takes a place there before anything else and
-gives it back once the answer is finished.
+Two signals, one check (``Admission``): requests in flight (``max_in_flight``) and event-loop lag.
+Under overload the backlog builds *before* handlers run (accepted connections wait for the loop),
+so counting in handlers alone sees it too late; the lag of a 10 ms ticker sees it at once.
 """
 
 from __future__ import annotations

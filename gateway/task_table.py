@@ -1,10 +1,6 @@
-"""The tasks as routing reads them: every task's row and route-decision state, kept in memory.
-
-Loaded when the process starts and re-read every ``refresh_s`` (other replicas, the CLI and the
-worker move tasks too); a transition this process applies (the gate, an admin move, the
-in-process scheduler) is routed on at once. ``moved`` is the one place a transition reaches the
-metrics.
-"""
+"""The tasks as routing reads them, kept in memory: re-read every second (other replicas, the CLI
+and the worker move tasks too) and changed at once by each transition this process applies
+(``TaskTable.moved``, the one place a transition reaches the metrics)."""
 
 from __future__ import annotations
 
