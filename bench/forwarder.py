@@ -1,6 +1,6 @@
 """The bare forwarder: a raw ASGI app on uvicorn + uvloop + httptools, one aiohttp client, one worker.
 
-It is the Python floor in DESIGN.md's table: no framework, no parsing, no recording; the
+It is the Python floor (docs/ARCHITECTURE.md, "Measured choices"): no framework, no parsing, no recording; the
 body goes to the upstream as bytes and the answer (streamed or not) comes back as it arrives.
 Run: ``python bench/forwarder.py --port 9200 --upstream http://127.0.0.1:9100``.
 """

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import median
@@ -35,7 +36,7 @@ from demo.recipe import DemoRecipe, demo_recipe, tokenizer_conversations
 from demo.traffic import TrafficReport, replay_to
 from gateway.store.models import Record, Stage, Task
 
-SETTLED = {Stage.serving.value}
+SETTLED = {Stage.serving}
 
 
 def free_port() -> int:
@@ -154,11 +155,12 @@ def run_demo(
     import torch
 
     from demo.teacher import ScriptedTeacher, create_teacher_app
-    from gateway.app import create_app
+    from gateway.app import ServingParts, create_app
     from gateway.auth import create_key
     from gateway.settings import RecorderSettings, Settings
     from gateway.store.db import Database
-    from router.policy import parse_policy
+    from router.policy import Policy, parse_policy
+    from trainer.scheduler import Scheduler
     from trainer.tinymodel import build_tiny_model, conversation_texts
 
     console = console or Console(stderr=True)
@@ -218,14 +220,18 @@ def run_demo(
             database_url=f"sqlite:///{workdir / 'distillgate.db'}",
             adapters_dir=workdir / "adapters",
             recorder=RecorderSettings(spool_dir=workdir / "spool"),
-            scheduler_interval_s=2.0,
-            run_scheduler=True,
         )
-        app = create_app(settings, policy=policy)
+
+        def scheduler(db: Database, policy: Callable[[], Policy | None]) -> Scheduler:
+            """The demo trains in the gateway's process, and shows what each pass did."""
+            trainer = Scheduler(db, policy, settings.adapters_dir, interval_s=2.0)
+            trainer.on_event.append(lambda e: state.events.append(f"{e.task}: {e.outcome} — {e.reason}"))
+            return trainer
+
+        app = create_app(settings, policy=policy, scheduler=scheduler)
         gateway_server = BackgroundServer(app, free_port()).start()
         servers.append(gateway_server)
-        gw = app.state.gateway
-        gw.scheduler.on_event.append(lambda e: state.events.append(f"{e.task}: {e.outcome} — {e.reason}"))
+        gw: ServingParts = app.state.parts
         _, key = create_key(gw.db, "demo")
         base_url = gateway_server.url + "/v1"
         db: Database = gw.db
@@ -320,7 +326,7 @@ def _trained_and_judged(db: Any, task: Task) -> bool:
 
     with db.session() as session:
         runs = session.exec(select(TrainingRun).where(TrainingRun.task == task.key)).all()
-    return bool(runs) and task.stage == Stage.collecting.value and all(r.status != "running" for r in runs)
+    return bool(runs) and task.stage == Stage.collecting and all(r.status != "running" for r in runs)
 
 
 def _all_settled(db: Any, tasks: list[Task], recipe: DemoRecipe) -> bool:

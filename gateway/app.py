@@ -1,97 +1,201 @@
-"""The Litestar application factory: explicit pieces, no import-time side effects."""
+"""The gateway's Litestar app, built by a factory from explicit pieces: its routes, its error
+handlers, and the parts its lifespan builds (``ServingParts``); no import-time side effects."""
 
 from __future__ import annotations
 
-import logging
 import os
-from typing import Any
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from litestar import Litestar, Request, Response, get
-from litestar.exceptions import HTTPException, ValidationException
+from litestar import Litestar, Response, get
 from litestar.openapi import OpenAPIConfig
 
 from gateway import __version__
-from gateway.api import admin, health, openai, tasks
-from gateway.errors import GatewayError, error_bytes
-from gateway.metrics import CONTENT_TYPE
-from gateway.proxy import JSON, Pipeline
-from gateway.runtime import Gateway
+from gateway.api import admin, errors, feedback, health, openai
+from gateway.auth import KeyRing
+from gateway.cache import PromptCache
+from gateway.lifespan import (
+    Lifespan,
+    PolicyReader,
+    SchedulerFactory,
+    caching,
+    database,
+    dependencies,
+    live_policy,
+    policy_reader,
+    recording,
+    running,
+    settle,
+    training,
+    training_scheduler,
+)
+from gateway.metrics import CONTENT_TYPE, Metrics
+from gateway.pipeline import Pipeline
+from gateway.recorder import Recorder
 from gateway.settings import Settings
+from gateway.shedding import Admission, LoopLag
+from gateway.store.db import Database
+from gateway.task_table import TaskTable
+from gateway.upstream import Upstreams
 from router.policy import Policy
+from router.policy_store import PolicyStore
+from router.promotion import Promoter
+from router.shadow import ScoredPair, ShadowMirror
 
-log = logging.getLogger("distillgate")
-
-_STATUS_TYPES = {
-    401: ("invalid_request_error", "invalid_api_key"),
-    403: ("invalid_request_error", "permission_denied"),
-    404: ("invalid_request_error", "not_found"),
-    405: ("invalid_request_error", "method_not_allowed"),
-    413: ("invalid_request_error", "request_too_large"),
-    415: ("invalid_request_error", "unsupported_media_type"),
-    429: ("rate_limit_error", "rate_limited"),
-}
+if TYPE_CHECKING:
+    from trainer.scheduler import Scheduler
 
 
-def _gateway_error(_: Request[Any, Any, Any], exc: GatewayError) -> Response[bytes]:
-    headers = {"retry-after": "1"} if exc.status in (429, 503) else None
-    if exc.status == 405:
-        headers = {"allow": "POST"}
-    return Response(content=exc.to_bytes(), status_code=exc.status, media_type=JSON, headers=headers)
+@dataclass(frozen=True, slots=True)
+class ServingParts:
+    """What a gateway process runs."""
+
+    settings: Settings
+    db: Database
+    metrics: Metrics
+    policy_store: PolicyStore | None
+    policy: PolicyReader
+    upstreams: Upstreams
+    recorder: Recorder
+    cache: PromptCache
+    tasks: TaskTable
+    promoter: Promoter
+    shadow: ShadowMirror
+    scheduler: Scheduler | None
+    keys: KeyRing
+    loop_lag: LoopLag
+    admission: Admission
+    pipeline: Pipeline
 
 
-def _http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
-    status = exc.status_code
-    type_, code = _STATUS_TYPES.get(
-        status, ("invalid_request_error" if status < 500 else "server_error", None)
+def serving(
+    settings: Settings, *, policy: Policy | None = None, scheduler: SchedulerFactory | None = None
+) -> Lifespan:
+    """The gateway's lifespan: builds ``ServingParts`` into ``app.state.parts``."""
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        async with AsyncExitStack() as stack:
+            parts = await _serving_parts(stack, settings, policy, scheduler)
+            app.state.parts = parts
+            app.state.pipeline = parts.pipeline
+            app.state.admission = parts.admission
+            settle(settings)
+            yield
+
+    return lifespan
+
+
+async def _serving_parts(
+    stack: AsyncExitStack, settings: Settings, given: Policy | None, scheduler: SchedulerFactory | None
+) -> ServingParts:
+    enter = stack.enter_async_context
+    db = await enter(database(settings))
+    store = await enter(live_policy(settings, given))
+    policy = policy_reader(store)
+    metrics = Metrics()
+    upstreams = await enter(Upstreams(settings.upstream))
+    if store is not None:
+        upstreams.apply(store.policy)
+        store.on_reload(upstreams.apply)
+    recorder = await enter(recording(Recorder(db, settings.recorder, metrics, policy)))
+    cache = await enter(caching(PromptCache(db)))
+    tasks = await enter(TaskTable(db, metrics, policy))
+    promoter = Promoter(db, policy)
+    promoter.on_transition.append(tasks.gate_moved)
+    shadow = ShadowMirror(db, policy, upstreams.ask_student, upstreams.ask_teacher)
+    shadow.on_pair.append(
+        lambda p: metrics.shadow_score.labels(p.job.task, p.job.adapter, p.scorer).observe(p.score)
     )
-    message = exc.detail or "Request failed."
-    if status == 413:
-        message = "The request body is too large."
-    if isinstance(exc, ValidationException):
-        message = f"Invalid request: {exc.detail}"
-    return Response(content=error_bytes(message, type_, None, code), status_code=status, media_type=JSON)
+    shadow.on_drop.append(lambda job: metrics.shadow_dropped.labels(job.task).inc())
 
+    def gate(batch: list[ScoredPair]) -> None:
+        """After shadow pairs are stored: run the gate for the tasks they belong to."""
+        promoter.check_many({pair.job.task for pair in batch})
 
-def _unexpected(_: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
-    # Log the type and where, never the request (it may hold secrets).
-    log.error("unexpected %s", type(exc).__name__, exc_info=exc)
-    body = error_bytes("The gateway failed to handle this request.", "server_error", None, "internal_error")
-    return Response(content=body, status_code=500, media_type=JSON)
+    shadow.on_stored.append(gate)
+    await enter(running(shadow))
+    trainer = await enter(training(scheduler, db, policy, tasks, metrics))
+    admin_key = settings.auth.admin_key.get_secret_value() if settings.auth.admin_key else None
+    keys = await enter(running(KeyRing(db, admin_key=admin_key, required=settings.auth.required)))
+    loop_lag = await enter(running(LoopLag()))
+    admission = await enter(
+        Admission(
+            loop_lag,
+            metrics,
+            max_in_flight=settings.max_in_flight,
+            max_loop_lag_s=settings.shed_loop_lag_s,
+        )
+    )
+    pipeline = Pipeline(
+        keys=keys,
+        policy=policy,
+        tasks=tasks,
+        cache=cache,
+        upstreams=upstreams,
+        recorder=recorder,
+        shadow=shadow,
+        promoter=promoter,
+        metrics=metrics,
+        max_body_bytes=settings.max_body_bytes,
+    )
+    return ServingParts(
+        settings=settings,
+        db=db,
+        metrics=metrics,
+        policy_store=store,
+        policy=policy,
+        upstreams=upstreams,
+        recorder=recorder,
+        cache=cache,
+        tasks=tasks,
+        promoter=promoter,
+        shadow=shadow,
+        scheduler=trainer,
+        keys=keys,
+        loop_lag=loop_lag,
+        admission=admission,
+        pipeline=pipeline,
+    )
 
 
 @get("/metrics", include_in_schema=False)
-async def metrics_endpoint(request: Request[Any, Any, Any]) -> Response[bytes]:
-    gw: Gateway = request.app.state.gateway
-    gw.metrics.recorder_queue.set(gw.recorder.depth)
-    gw.metrics.in_flight.set(gw.in_flight)
-    gw.metrics.loop_lag.set(gw.loop_lag.lag_s)
-    return Response(content=gw.metrics.render(), media_type=CONTENT_TYPE)
+async def metrics_endpoint(metrics: Metrics, recorder: Recorder, admission: Admission) -> Response[bytes]:
+    metrics.recorder_queue.set(recorder.depth)
+    admission.report()
+    return Response(content=metrics.render(), media_type=CONTENT_TYPE)
 
 
-def create_app(settings: Settings | None = None, *, policy: Policy | None = None) -> Litestar:
-    """Build a gateway app. ``policy`` overrides ``settings.policy_file`` (tests, embedding)."""
+PARTS = ("db", "metrics", "policy_store", "upstreams", "recorder", "tasks", "keys", "admission", "pipeline")
+"""The parts handlers may ask for by name (``gateway.lifespan.ServingParts``)."""
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    policy: Policy | None = None,
+    scheduler: SchedulerFactory | None = None,
+) -> Litestar:
+    """Build a gateway app. ``policy`` overrides ``settings.policy_file`` (tests, embedding);
+    ``scheduler`` trains in this process (the caller decides: ``app_from_environment`` passes one
+    when ``run_scheduler`` is on)."""
     settings = settings or Settings()
-    gateway = Gateway(settings, policy=policy)
-    app = Litestar(
-        route_handlers=[*openai.ROUTES, *health.ROUTES, *admin.ROUTES, *tasks.ROUTES, metrics_endpoint],
-        on_startup=[gateway.start],
-        on_shutdown=[gateway.stop],
-        exception_handlers={
-            GatewayError: _gateway_error,
-            HTTPException: _http_error,
-            Exception: _unexpected,
-        },
+    return Litestar(
+        route_handlers=[*openai.ROUTES, *feedback.ROUTES, *health.ROUTES, admin.router, metrics_endpoint],
+        lifespan=[serving(settings, policy=policy, scheduler=scheduler)],
+        dependencies=dependencies(*PARTS),
+        exception_handlers=errors.HANDLERS,
         openapi_config=OpenAPIConfig(title="distillgate", version=__version__, path="/docs"),
         request_max_body_size=settings.max_body_bytes,
         logging_config=None,
     )
-    app.state.gateway = gateway
-    app.state.pipeline = Pipeline(gateway)
-    return app
 
 
 def app_from_environment() -> Litestar:
     """Factory for ``uvicorn --factory`` (each worker builds its app from ``DISTILLGATE_CONFIG``)."""
     from gateway.settings import load_settings
 
-    return create_app(load_settings(os.environ.get("DISTILLGATE_CONFIG")))
+    settings = load_settings(os.environ.get("DISTILLGATE_CONFIG"))
+    return create_app(settings, scheduler=training_scheduler(settings) if settings.run_scheduler else None)

@@ -77,8 +77,12 @@ def list_keys(db: Database) -> list[ApiKey]:
 class KeyRing:
     """The set of valid key hashes, kept in memory."""
 
-    def __init__(self, db: Database, *, admin_key: str | None = None, refresh_s: float = 5.0) -> None:
+    def __init__(
+        self, db: Database, *, admin_key: str | None = None, required: bool = True, refresh_s: float = 5.0
+    ) -> None:
         self.db = db
+        self.required = required
+        """Client routes need a gateway key (``auth.required``); admin routes always need the admin credential."""
         self._admin_hash = hash_key(admin_key) if admin_key else None
         self._keys: dict[str, Caller] = {}
         self._misses: dict[str, float] = {}
@@ -116,6 +120,18 @@ class KeyRing:
             self.load()
         except Exception:
             return
+
+    async def caller(self, authorization: str | None) -> Caller:
+        """Who calls a client route: ``authenticate``, or with ``required`` off anyone, as ``ANONYMOUS``
+        unless they bring a valid credential (an admin credential still identifies an admin)."""
+        if self.required:
+            return await self.authenticate(authorization)
+        if authorization:
+            try:
+                return await self.authenticate(authorization)
+            except Exception:
+                return ANONYMOUS
+        return ANONYMOUS
 
     async def authenticate(self, authorization: str | None) -> Caller:
         """Check an ``Authorization: Bearer <key>`` header. The key never appears in errors."""

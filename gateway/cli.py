@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import signal
 import socket
 import tempfile
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from gateway.settings import Settings, load_settings
+from gateway.cli_options import ConfigOpt, JsonOpt, print_json, settings_from
 
 app = typer.Typer(
     name="distillgate",
@@ -29,25 +27,6 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(db_app, name="db")
 
 console = Console()
-ConfigOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--config", "-c", help="Settings YAML file.", envvar="DISTILLGATE_CONFIG", exists=True, dir_okay=False
-    ),
-]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for machines.")]
-
-
-def settings_from(config: Path | None, **overrides: Any) -> Settings:
-    try:
-        return load_settings(config, **{k: v for k, v in overrides.items() if v is not None})
-    except Exception as exc:  # pydantic's message names the bad key
-        console.print(f"[red]invalid settings:[/red] {exc}")
-        raise typer.Exit(2) from None
-
-
-def print_json(data: Any) -> None:
-    typer.echo(json.dumps(data, default=str))
 
 
 @app.command()

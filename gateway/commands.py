@@ -11,7 +11,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from gateway.cli import ConfigOpt, JsonOpt, exit_cleanly, settings_from
+from gateway.cli import exit_cleanly
+from gateway.cli_options import ConfigOpt, JsonOpt, settings_from
 from router.policy import parse_duration
 
 console = Console()

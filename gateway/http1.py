@@ -1,10 +1,8 @@
 """A lean HTTP/1.1 client for the hot path: keep-alive pool, TLS, streamed bodies, timeouts.
 
-Why not aiohttp (which held up where httpx's pool collapsed, DESIGN.md): under load py-spy put
-a third of the gateway's GIL time in aiohttp's client (~60 us per call here), against ~11 us
-for a protocol-level client (``bench/loadgen.py``). This is that client: an ``asyncio.Protocol``
-per connection, responses parsed by ``httptools`` (the C parser uvicorn uses: chunked
-transfer decoding included), bodies handed over as the bytes each read returned.
+Why this and not httpx or aiohttp: docs/ARCHITECTURE.md, "Measured choices". An
+``asyncio.Protocol`` per connection, responses parsed by ``httptools`` (the C parser uvicorn uses:
+chunked transfer decoding included), bodies handed over as the bytes each read returned.
 
 Scope, on purpose: the requests an OpenAI-compatible upstream needs (POST/GET with a body in
 memory, no redirects, no cookies, no compression asked for). An HTTP proxy is used when given

@@ -1,4 +1,4 @@
-"""Prometheus metrics (names from DESIGN.md, all prefixed ``distillgate_``).
+"""Prometheus metrics (names in docs/ARCHITECTURE.md, "Metrics"; all prefixed ``distillgate_``).
 
 Each app owns its registry (tests build several apps in one process). With several server
 workers, ``PROMETHEUS_MULTIPROC_DIR`` is set before start and ``/metrics`` aggregates the
@@ -12,6 +12,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
+
+from gateway.store.models import Stage
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -169,6 +171,6 @@ class Metrics:
             return generate_latest(registry)
         return generate_latest(self.registry)
 
-    def set_stage(self, task: str, stage: str, stages: tuple[str, ...]) -> None:
-        for name in stages:
+    def set_stage(self, task: str, stage: Stage) -> None:
+        for name in Stage:
             self.task_stage.labels(task, name).set(1.0 if name == stage else 0.0)

@@ -17,7 +17,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from router.policy import deep_merge
+from gateway.overlay import overlay
 
 
 class AuthSettings(BaseModel):
@@ -39,7 +39,7 @@ class RecorderSettings(BaseModel):
     """Most records written in one transaction."""
     flush_interval_s: float = 0.02
     """Longest a record waits in memory before its batch is written. Short: many small batches
-    stall requests less than a few big ones (bench: 1-connection p99 2.2 -> 1.8 ms vs 0.2 s)."""
+    stall requests less than a few big ones (measured: docs/ARCHITECTURE.md, "Measured choices")."""
     spool_dir: Path = Path("./spool")
     """Where records go (JSONL) while the database is unreachable; replayed when it is back."""
     retry_interval_s: float = 2.0
@@ -90,14 +90,12 @@ class Settings(BaseSettings):
     """Requests served at once before new ones are shed with 503 (load shedding)."""
     shed_loop_lag_s: float = 0.1
     """Event-loop lag (smoothed) above which new API requests are shed with 503: every request is
-    already waiting this long for the CPU. At this machine's max closed-loop rate (64 connections)
-    it stays far below; at twice the max rate it passes 0.1 s within a second (bench/gateway_overhead.py,
-    overload phase; at 0.5 s nothing was shed and clients waited seconds instead). Training runs in
-    a child process, so it does not count here."""
+    already waiting this long for the CPU. Training runs in a child process, so it does not count
+    here (why 0.1 s: docs/ARCHITECTURE.md, "Measured choices")."""
     gil_switch_interval_s: float | None = 0.001
     """CPython's thread switch interval for the gateway process (``sys.setswitchinterval``; None
-    keeps CPython's 5 ms). 1 ms bounds how long a request waits behind the recorder's writer
-    thread (quick bench, dg-pg: p99 at one connection 1.07 ms at 5 ms, 0.70-0.71 ms at 1 ms)."""
+    keeps CPython's 5 ms): it bounds how long a request waits behind the recorder's writer thread
+    (measured: docs/ARCHITECTURE.md, "Measured choices")."""
     shutdown_grace_s: float = 25.0
     """On SIGTERM: stop accepting, give in-flight requests and streams this long, then flush the recorder."""
     log_level: str = "INFO"
@@ -142,6 +140,6 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
             if not policy.is_absolute():
                 data["policy_file"] = Path(config_file).parent / policy
     from_env = Settings()  # only the environment; exclude_unset keeps just what it set
-    merged = deep_merge(data, from_env.model_dump(exclude_unset=True))
-    merged = deep_merge(merged, overrides)
+    merged = overlay(data, from_env.model_dump(exclude_unset=True))
+    merged = overlay(merged, overrides)
     return Settings(**merged)

@@ -1,19 +1,21 @@
 """Load shedding: refuse new API requests early, while refusing is still cheap.
 
-Two signals: requests in flight (``max_in_flight``) and event-loop lag. Under overload the
-backlog builds *before* handlers run (accepted connections wait for the loop), so counting in
-handlers alone sees it too late; the lag of a 10 ms ticker sees it at once.
+Two signals, one check (``Admission``): requests in flight (``max_in_flight``) and event-loop lag.
+Under overload the backlog builds *before* handlers run (accepted connections wait for the loop),
+so counting in handlers alone sees it too late; the lag of a 10 ms ticker sees it at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from types import TracebackType
+from typing import Self
 
 from litestar.types import ASGIApp, Receive, Scope, Send
 
 from gateway.errors import error_bytes
+from gateway.metrics import Metrics
 
 _BODY = error_bytes("The gateway is overloaded; retry shortly.", "server_error", None, "overloaded")
 _HEADERS: list[tuple[bytes, bytes]] = [
@@ -50,17 +52,74 @@ class LoopLag:
             self.lag_s = 0.9 * self.lag_s + 0.1 * late
 
 
+class Admission:
+    """Whether a new API request may start, and how many are being served (admitted, answer not
+    finished). ``enter`` takes a place or refuses (counted in ``distillgate_shed_requests``);
+    ``leave`` gives it back. An async context manager: while entered it reports both signals to
+    the gauges every ``report_s`` (``/metrics`` may be served by another worker process)."""
+
+    def __init__(
+        self,
+        loop_lag: LoopLag,
+        metrics: Metrics,
+        *,
+        max_in_flight: int,
+        max_loop_lag_s: float,
+        report_s: float = 1.0,
+    ) -> None:
+        self.loop_lag = loop_lag
+        self.metrics = metrics
+        self.max_in_flight = max_in_flight
+        self.max_loop_lag_s = max_loop_lag_s
+        self.report_s = report_s
+        self.in_flight = 0
+        self._reporter: asyncio.Task[None] | None = None
+
+    def enter(self) -> bool:
+        """Take a place for one request; False (and counted as shed) when the gateway is full or late."""
+        if self.in_flight >= self.max_in_flight or self.loop_lag.lag_s > self.max_loop_lag_s:
+            self.metrics.shed.inc()
+            return False
+        self.in_flight += 1
+        return True
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+
+    def report(self) -> None:
+        self.metrics.in_flight.set(self.in_flight)
+        self.metrics.loop_lag.set(self.loop_lag.lag_s)
+
+    async def __aenter__(self) -> Self:
+        self._reporter = asyncio.create_task(self._report_forever(), name="distillgate-admission")
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._reporter is not None:
+            self._reporter.cancel()
+            await asyncio.gather(self._reporter, return_exceptions=True)
+
+    async def _report_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.report_s)
+            self.report()
+
+
 def shedding_middleware(app: ASGIApp) -> ASGIApp:
-    """Litestar middleware for the ``/v1`` routes: 503 + Retry-After before any parsing when overloaded."""
+    """Litestar middleware for the ``/v1`` routes: 503 + Retry-After before any parsing when
+    overloaded; otherwise the request holds its place until its answer (or stream) is finished."""
 
     async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
-        gateway: Any = scope["app"].state.gateway
-        settings = gateway.settings
-        if gateway.in_flight >= settings.max_in_flight or gateway.loop_lag.lag_s > settings.shed_loop_lag_s:
-            gateway.metrics.shed.inc()
+        admission: Admission = scope["app"].state.admission
+        if not admission.enter():
             await send({"type": "http.response.start", "status": 503, "headers": _HEADERS})
             await send({"type": "http.response.body", "body": _BODY, "more_body": False})
             return
-        await app(scope, receive, send)
+        try:
+            await app(scope, receive, send)
+        finally:
+            admission.leave()
 
     return middleware

@@ -1,10 +1,7 @@
-"""The hot-path HTTP client to the teacher and the student.
+"""The teacher and the student as the pipeline calls them, on ``gateway.http1``'s pools.
 
-``gateway.http1``, chosen by measurement: httpx's async pool collapsed at 64 connections on this
-machine (DESIGN.md); aiohttp held up but took a third of the gateway's GIL time under load; the
-lean protocol-level client takes a fraction of that (README, Performance). Bodies go out as the
-bytes we were given; answers come back as bytes (whole, or chunk by chunk for streams) and are
-never re-encoded here.
+Bodies go out as the bytes we were given; answers come back as bytes (whole, or chunk by chunk
+for streams) and are never re-encoded here.
 """
 
 from __future__ import annotations
@@ -13,13 +10,15 @@ import asyncio
 import random
 from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from types import TracebackType
+from typing import Any, Self
 
 import orjson
 
 from gateway.errors import UpstreamError, UpstreamTimeout
 from gateway.http1 import Pool, Response, proxy_from_environment
 from gateway.settings import UpstreamSettings
+from router.policy import Policy, StudentEndpoint, TeacherEndpoint
 
 RETRYABLE_STATUS = frozenset({500, 502, 503, 504, 529})
 
@@ -139,3 +138,93 @@ async def answer_json(upstream: Upstream, path: str, body: dict[str, Any]) -> di
     if not isinstance(parsed, dict) or not parsed.get("choices"):
         raise UpstreamError(f"The {upstream.name} answered without choices.")
     return parsed
+
+
+class Upstreams:
+    """The teacher and the student the policy names, one pooled ``Upstream`` each.
+
+    ``apply`` follows the policy (``PolicyStore.on_reload``): a pool is rebuilt only when its
+    endpoint changed, and the one it replaces is closed in the background. An async context
+    manager: leaving it closes every pool.
+    """
+
+    def __init__(self, settings: UpstreamSettings) -> None:
+        self.settings = settings
+        self.teacher: Upstream | None = None
+        self.student: Upstream | None = None
+        self._teacher_at: TeacherEndpoint | None = None
+        self._student_at: StudentEndpoint | None = None
+        self._closing: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    def apply(self, policy: Policy) -> None:
+        if self._closed:
+            return
+        if self.teacher is None or policy.teacher != self._teacher_at:
+            teacher = policy.teacher
+            self._teacher_at = teacher
+            self._swap(
+                "teacher",
+                Upstream(
+                    "teacher",
+                    teacher.base_url,
+                    self.settings,
+                    api_key=teacher.api_key(),
+                    headers=teacher.headers,
+                    timeout_s=teacher.timeout,
+                ),
+            )
+        student = policy.student
+        if student is None:
+            self._swap("student", None)
+        elif self.student is None or student != self._student_at:
+            self._swap(
+                "student",
+                Upstream(
+                    "student",
+                    student.base_url,
+                    self.settings,
+                    api_key=student.api_key(),
+                    timeout_s=student.timeout,
+                ),
+            )
+        self._student_at = student
+
+    def require_teacher(self) -> Upstream:
+        if self.teacher is None:
+            raise UpstreamError(
+                "No teacher is configured: set `teacher.base_url` in the policy file.",
+                code="no_teacher",
+                status=503,
+            )
+        return self.teacher
+
+    async def ask_student(self, adapter: str, body: dict[str, Any]) -> dict[str, Any]:
+        """The student's answer to a chat body (shadow pairs): raises ``UpstreamError`` on any failure."""
+        if self.student is None:
+            raise UpstreamError("No student is configured.")
+        return await answer_json(self.student, "/chat/completions", {**body, "model": adapter})
+
+    async def ask_teacher(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The teacher's answer to a chat body (audits, judges): raises ``UpstreamError`` on any failure."""
+        return await answer_json(self.require_teacher(), "/chat/completions", body)
+
+    def _swap(self, name: str, upstream: Upstream | None) -> None:
+        previous: Upstream | None = getattr(self, name)
+        setattr(self, name, upstream)
+        if previous is not None:
+            closing = asyncio.get_running_loop().create_task(previous.close())
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._closed = True
+        for upstream in (self.teacher, self.student):
+            if upstream is not None:
+                await upstream.close()
+        await asyncio.gather(*self._closing, return_exceptions=True)

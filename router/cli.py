@@ -7,16 +7,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
+import msgspec
 import typer
 from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from gateway.cli_options import ConfigOpt, JsonOpt, settings_from
 from gateway.store.db import Database
 from gateway.store.models import Stage
-from router.policy import Policy, PolicyError, TaskPolicy, load_policy
+from router.policy import PolicyError, load_policy, policy_summary
 from router.stages import DEFAULT_CANARY, TransitionError, UnknownTask
 from router.tasks import Action, UnknownAdapter, force_move, recent_pairs, task_detail, task_rows
 
@@ -32,40 +34,10 @@ def register(app: typer.Typer) -> None:
     app.add_typer(tasks_app, name="tasks")
 
 
-def _task_row(name: str, tp: TaskPolicy) -> dict[str, Any]:
-    return {
-        "task": name,
-        "distill": tp.distill,
-        "scorer": tp.promote.scorer,
-        "threshold": tp.promote.threshold,
-        "min_samples": tp.promote.min_samples,
-        "shadow_rate": tp.shadow.rate,
-        "canary": list(tp.canary),
-        "audit_rate": tp.audit.rate,
-        "rollback_below": tp.audit.rollback_below,
-        "cache": tp.cache.enabled,
-    }
-
-
-def policy_summary(policy: Policy) -> dict[str, Any]:
-    """The resolved settings of the defaults and of every task named in the policy."""
-    rows = [_task_row("(defaults)", TaskPolicy.model_validate(policy.defaults))]
-    rows += [_task_row(name, policy.for_task(name)) for name in policy.tasks]
-    return {
-        "teacher": {"base_url": policy.teacher.base_url, "model": policy.teacher.model},
-        "student": (
-            {"base_url": policy.student.base_url, "base_model": policy.student.base_model}
-            if policy.student
-            else None
-        ),
-        "tasks": rows,
-    }
-
-
 @policy_app.command("check")
 def check(
     file: Annotated[Path, typer.Argument(help="The policy YAML file.")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Validate a policy file: OK and a summary of each task, or the error naming the bad key (exit 1)."""
     console = Console()
@@ -80,13 +52,13 @@ def check(
         raise typer.Exit(1) from None
     summary = policy_summary(policy)
     if as_json:
-        typer.echo(json.dumps({"ok": True, "file": str(file), **summary}))
+        typer.echo(json.dumps({"ok": True, "file": str(file), **msgspec.to_builtins(summary)}))
         return
     console.print(f"[green]OK[/green] {file}", highlight=False)
-    student = summary["student"]
+    student = summary.student
     console.print(
         f"teacher {policy.teacher.base_url} ({policy.teacher.model or 'model passed through'}); "
-        f"student {student['base_url'] + ' ' + student['base_model'] if student else 'none'}",
+        f"student {student.base_url + ' ' + student.base_model if student else 'none'}",
         highlight=False,
         soft_wrap=True,
     )
@@ -94,32 +66,26 @@ def check(
     table.add_column("task", overflow="fold", min_width=16)
     for name in ("scorer", "pass ≥", "min n", "shadow", "canary %", "audit"):
         table.add_column(name)
-    for row in summary["tasks"]:
+    for row in summary.tasks:
         table.add_row(
-            row["task"],
-            row["scorer"] if row["distill"] else "teacher only",
-            f"{row['threshold']:g}",
-            str(row["min_samples"]),
-            f"{row['shadow_rate']:.0%}",
-            "/".join(f"{x * 100:g}" for x in row["canary"]),
-            f"{row['audit_rate']:.0%}, <{row['rollback_below']:g}",
+            row.task,
+            row.scorer if row.distill else "teacher only",
+            f"{row.threshold:g}",
+            str(row.min_samples),
+            f"{row.shadow_rate:.0%}",
+            "/".join(f"{x * 100:g}" for x in row.canary),
+            f"{row.audit_rate:.0%}, <{row.rollback_below:g}",
         )
     console.print(table)
 
 
 def _database_url(config: Path | None, database_url: str | None) -> str:
-    if database_url:
-        return database_url
-    from gateway.settings import load_settings  # the process settings, only when no URL is given
-
-    return load_settings(config).database_url
+    return database_url or settings_from(config).database_url
 
 
 def _canary(config: Path | None, task: str) -> list[float]:
     """The task's canary steps from the policy file the settings name (the defaults without one)."""
-    from gateway.settings import load_settings
-
-    policy_file = load_settings(config).policy_file
+    policy_file = settings_from(config).policy_file
     if policy_file is None:
         return list(DEFAULT_CANARY)
     try:
@@ -129,20 +95,9 @@ def _canary(config: Path | None, task: str) -> list[float]:
         raise typer.Exit(1) from None
 
 
-ConfigOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--config",
-        "-c",
-        help="Settings YAML (for the database URL and the policy file).",
-        envvar="DISTILLGATE_CONFIG",
-        dir_okay=False,
-    ),
-]
 DatabaseOption = Annotated[
     str | None, typer.Option("--database-url", envvar="DISTILLGATE_DATABASE_URL", help="Database URL.")
 ]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
 ReasonOption = Annotated[str | None, typer.Option("--reason", "-r", help="Why (stored with the transition).")]
 
 
@@ -150,12 +105,16 @@ def _percent(value: float | None) -> str:
     return f"{value:.3f}" if value is not None else "-"
 
 
+def _stage(stage: Stage, canary_step: int) -> str:
+    return f"{stage} {canary_step}" if stage == Stage.canary else str(stage)
+
+
 @tasks_app.callback(invoke_without_command=True)
 def tasks(
     ctx: typer.Context,
-    config: ConfigOption = None,
+    config: ConfigOpt = None,
     database_url: DatabaseOption = None,
-    as_json: JsonOption = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """List tasks: stage, adapter, student share of traffic, and shadow pair scores (what
     ``GET /admin/tasks`` returns)."""
@@ -167,19 +126,18 @@ def tasks(
     finally:
         db.dispose()
     if as_json:
-        typer.echo(json.dumps({"tasks": rows}))
+        typer.echo(json.dumps({"tasks": msgspec.to_builtins(rows)}))
         return
     table = Table("task", "stage", "adapter", "student", "pairs", "pass rate", "reason")
     for row in rows:
-        stage = row["stage"] + (f" {row['canary_step']}" if row["stage"] == "canary" else "")
         table.add_row(
-            row["task"],
-            stage,
-            row["adapter"] or "-",
-            f"{row['student_ratio']:.0%}",
-            str(row["pairs"]),
-            _percent(row["pass_rate"]),
-            row["reason"] or "",
+            row.task,
+            _stage(row.stage, row.canary_step),
+            row.adapter or "-",
+            f"{row.student_ratio:.0%}",
+            str(row.pairs),
+            _percent(row.pass_rate),
+            row.reason or "",
         )
     Console().print(table)
 
@@ -188,9 +146,9 @@ def tasks(
 def show(
     task: Annotated[str, typer.Argument(help="The task key.")],
     pairs: Annotated[int, typer.Option("--pairs", "-n", min=0, help="Recent shadow pairs to show.")] = 10,
-    config: ConfigOption = None,
+    config: ConfigOpt = None,
     database_url: DatabaseOption = None,
-    as_json: JsonOption = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """One task: its stage, transitions with their evidence, and recent shadow pairs
     (``GET /admin/tasks/{task}`` and ``…/pairs``)."""
@@ -204,41 +162,40 @@ def show(
     finally:
         db.dispose()
     if as_json:
-        typer.echo(json.dumps({**detail, "pairs": recent}))
+        typer.echo(json.dumps({**msgspec.to_builtins(detail), "pairs": msgspec.to_builtins(recent)}))
         return
     console = Console()
-    stage = detail["stage"] + (f" {detail['canary_step']}" if detail["stage"] == "canary" else "")
     console.print(
-        f"[bold]{task}[/bold]  {stage}  adapter {detail['adapter'] or '-'}  "
-        f"student {detail['student_ratio']:.0%}  pass rate {_percent(detail['pass_rate'])} "
-        f"over {detail['pairs']} pairs",
+        f"[bold]{task}[/bold]  {_stage(detail.stage, detail.canary_step)}  adapter {detail.adapter or '-'}  "
+        f"student {detail.student_ratio:.0%}  pass rate {_percent(detail.pass_rate)} "
+        f"over {detail.pairs} pairs",
         highlight=False,
         soft_wrap=True,
     )
     moves = Table(
         "when", "from", "to", "adapter", "forced", "reason", title="transitions", box=box.SIMPLE_HEAD
     )
-    for move in detail["transitions"]:
+    for move in detail.transitions:
         moves.add_row(
-            move["created_at"][:19],
-            move["from_stage"],
-            move["to_stage"],
-            move["adapter"] or "-",
-            "yes" if move["forced"] else "",
-            move["reason"],
+            move.created_at[:19],
+            move.from_stage,
+            move.to_stage,
+            move.adapter or "-",
+            "yes" if move.forced else "",
+            move.reason,
         )
     console.print(moves)
     if recent:
         table = Table("when", "kind", "adapter", "scorer", "score", "passed", "error", title="recent pairs")
         for pair in recent:
             table.add_row(
-                pair["created_at"][:19],
-                pair["kind"],
-                pair["adapter"],
-                pair["scorer"],
-                f"{pair['score']:.3f}",
-                "yes" if pair["passed"] else "no",
-                pair["error"] or "",
+                pair.created_at[:19],
+                pair.kind,
+                pair.adapter,
+                pair.scorer,
+                f"{pair.score:.3f}",
+                "yes" if pair.passed else "no",
+                pair.error or "",
             )
         console.print(table)
 
@@ -285,9 +242,8 @@ def _apply(
     if as_json:
         typer.echo(json.dumps({"ok": True, **row}))
         return
-    stage = moved.stage + (f" {moved.canary_step}" if moved.stage == "canary" else "")
     Console().print(
-        f"{task}: {stage} (adapter {moved.adapter or '-'}, student {moved.student_ratio:.0%}); "
+        f"{task}: {_stage(moved.stage, moved.canary_step)} (adapter {moved.adapter or '-'}, student {moved.student_ratio:.0%}); "
         "gateways route on it within a second",
         highlight=False,
         soft_wrap=True,
@@ -298,9 +254,9 @@ def _action_command(action: Action, help_text: str) -> None:
     def command(
         task: Annotated[str, typer.Argument(help="The task key.")],
         reason: ReasonOption = None,
-        config: ConfigOption = None,
+        config: ConfigOpt = None,
         database_url: DatabaseOption = None,
-        as_json: JsonOption = False,
+        as_json: JsonOpt = False,
     ) -> None:
         _apply(task, action, reason, config, database_url, as_json)
 
@@ -323,9 +279,9 @@ def transition(
     ] = None,
     canary_step: Annotated[int | None, typer.Option("--canary-step", min=0, help="The canary step.")] = None,
     reason: ReasonOption = None,
-    config: ConfigOption = None,
+    config: ConfigOpt = None,
     database_url: DatabaseOption = None,
-    as_json: JsonOption = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Force a task into any stage (``POST /admin/tasks/{task}/transition``)."""
-    _apply(task, stage.value, reason, config, database_url, as_json, adapter=adapter, canary_step=canary_step)
+    _apply(task, stage, reason, config, database_url, as_json, adapter=adapter, canary_step=canary_step)

@@ -10,7 +10,7 @@ import json
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from gateway.store.models import Stage, Task
 from router.policy import StudentEndpoint, TaskPolicy
@@ -25,12 +25,15 @@ CHARS_PER_TOKEN = 4
 """The prompt-length estimate's ratio. The trainer records ``max_prompt_tokens`` with the same
 estimate (``estimate_prompt_tokens``), so the two sides of the comparison agree."""
 
-_TEACHER_STAGES = {
+TEACHER_STAGES: Final[Mapping[Stage, str]] = {
     Stage.collecting: "the task is collecting teacher answers",
     Stage.training: "the task's student is training",
     Stage.paused: "the task is paused",
     Stage.rolled_back: "the task was rolled back to the teacher",
 }
+"""The stages in which the teacher answers everything, with the reason ``decide`` gives."""
+TEACHER_ONLY: Final = frozenset(TEACHER_STAGES)
+"""The same stages as a set: the gateway skips the decision for them (the common case)."""
 
 
 @dataclass(frozen=True)
@@ -297,10 +300,10 @@ def decide(
 
     if not policy.distill:
         return RouteDecision("teacher", None, "distillation is off for this task (distill: false)")
-    if state.stage in _TEACHER_STAGES:
-        return RouteDecision("teacher", None, _TEACHER_STAGES[state.stage])
+    if state.stage in TEACHER_STAGES:
+        return RouteDecision("teacher", None, TEACHER_STAGES[state.stage])
     if state.adapter is None:
-        return RouteDecision("teacher", None, f"stage {state.stage.value} without an adapter")
+        return RouteDecision("teacher", None, f"stage {state.stage} without an adapter")
     unsupported = unsupported_reason(state, features)
     if unsupported is not None:
         return RouteDecision("teacher", None, f"student cannot serve: {unsupported}")

@@ -118,11 +118,11 @@ def evaluate_promotion(
         promote.confidence,
         threshold=promote.threshold,
         min_samples=promote.min_samples,
-        stage=stage.value,
+        stage=stage,
         **({"canary_step": canary_step} if stage is Stage.canary else {}),
     )
     if stage not in (Stage.shadow, Stage.canary):
-        return GateVerdict("hold", f"stage {stage.value} is not promoted by the gate", evidence)
+        return GateVerdict("hold", f"stage {stage} is not promoted by the gate", evidence)
 
     if stage is Stage.canary:
         audit = policy.audit

@@ -1,7 +1,8 @@
 """The routing policy: one YAML file, validated with errors that name the bad key.
 
-Defaults apply to every task; ``tasks.<name>`` overrides any part of them. ``Policy.for_task``
-returns the merged, fully-resolved ``TaskPolicy`` the rest of the code reads.
+Defaults apply to every task; ``tasks.<name>`` overrides any part of them, laid over the
+defaults key by key when the file is read. ``Policy.for_task`` returns the fully-resolved
+``TaskPolicy`` the rest of the code reads.
 """
 
 from __future__ import annotations
@@ -11,16 +12,19 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import msgspec
 import yaml
 from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
-    PrivateAttr,
     ValidationError,
     field_validator,
+    model_validator,
 )
+
+from gateway.overlay import overlay
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0, None: 1.0}
@@ -39,17 +43,6 @@ def parse_duration(value: Any) -> float:
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 """Seconds, written as a number or as ``"30s"``, ``"10m"``, ``"1h"``, ``"1d"``."""
-
-
-def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    """``base`` with ``top`` on top, nested mappings merged key by key."""
-    out = dict(base)
-    for key, value in top.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
 
 
 class _Strict(BaseModel):
@@ -203,50 +196,45 @@ class Policy(_Strict):
     student: StudentEndpoint | None = None
     prices: dict[str, Price] = Field(default_factory=dict)
     """Per model name; the key ``student`` prices the student."""
-    defaults: dict[str, Any] = Field(default_factory=dict)
-    tasks: dict[str, dict[str, Any] | None] = Field(default_factory=dict)
-    _resolved: dict[str, TaskPolicy] = PrivateAttr(default_factory=dict)
+    defaults: TaskPolicy = Field(default_factory=TaskPolicy)
+    """What every task gets unless ``tasks`` says otherwise."""
+    tasks: dict[str, TaskPolicy] = Field(default_factory=dict)
+    """Each named task's settings: what the file says for it laid over ``defaults`` (sections
+    merge key by key), resolved when the file is read, so a bad key fails the load with its path."""
 
-    def check_overrides(self) -> None:
-        """Resolve defaults and every task override once, so a bad key fails the load with its path."""
-        _resolve(self.defaults, {}, "defaults")
-        for name, override in self.tasks.items():
-            if override is not None and not isinstance(override, dict):
-                raise PolicyError(f"invalid policy: tasks.{name}: must be a mapping")
-            _resolve(self.defaults, override or {}, f"tasks.{name}")
+    @model_validator(mode="before")
+    @classmethod
+    def _overrides_over_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not isinstance(data.get("tasks"), dict):
+            return data
+        defaults = data.get("defaults") or {}
+        try:
+            TaskPolicy.model_validate(defaults)
+        except ValidationError:
+            return data  # the defaults' own errors name the bad key once, not once per task
+        tasks = {
+            name: overlay(defaults, override or {})
+            if override is None or isinstance(override, dict)
+            else override
+            for name, override in data["tasks"].items()
+        }
+        return {**data, "tasks": tasks}
 
     def for_task(self, task: str) -> TaskPolicy:
-        cached = self._resolved.get(task)
-        if cached is None:
-            cached = _resolve(self.defaults, self.tasks.get(task) or {}, f"tasks.{task}")
-            if len(self._resolved) > 10_000:
-                self._resolved.clear()
-            self._resolved[task] = cached
-        return cached
+        return self.tasks.get(task, self.defaults)
 
     def price(self, model: str) -> Price | None:
         return self.prices.get(model)
-
-
-def _resolve(defaults: dict[str, Any], override: dict[str, Any], where: str) -> TaskPolicy:
-    merged = deep_merge(defaults, override)
-    try:
-        return TaskPolicy.model_validate(merged)
-    except ValidationError as exc:
-        raise PolicyError(_explain(exc, where)) from None
 
 
 class PolicyError(ValueError):
     """The policy file is not valid; the message names each bad key with its path."""
 
 
-def _explain(exc: ValidationError, where: str = "") -> str:
+def _explain(exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
-        path = ".".join(str(p) for p in err["loc"])
-        if where:
-            path = f"{where}.{path}" if path else where
-        path = path or "(top level)"
+        path = ".".join(str(p) for p in err["loc"]) or "(top level)"
         msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
         lines.append(f"{path}: {msg}")
     return "invalid policy: " + "; ".join(lines)
@@ -256,11 +244,9 @@ def parse_policy(data: Any, source: str = "policy") -> Policy:
     if not isinstance(data, dict):
         raise PolicyError(f"invalid policy: {source} must be a YAML mapping")
     try:
-        policy = Policy.model_validate(data)
+        return Policy.model_validate(data)
     except ValidationError as exc:
         raise PolicyError(_explain(exc)) from None
-    policy.check_overrides()
-    return policy
 
 
 def load_policy(path: str | Path) -> Policy:
@@ -270,3 +256,64 @@ def load_policy(path: str | Path) -> Policy:
     except yaml.YAMLError as exc:
         raise PolicyError(f"invalid policy: {path} is not valid YAML: {exc}") from None
     return parse_policy(data, str(path))
+
+
+class TaskPolicyRow(msgspec.Struct, kw_only=True):
+    """The resolved settings of one task (or of the defaults) that decide its path to the student."""
+
+    task: str
+    distill: bool
+    scorer: str
+    threshold: float
+    min_samples: int
+    shadow_rate: float
+    canary: list[float]
+    audit_rate: float
+    rollback_below: float
+    cache: bool
+
+
+class TeacherSummary(msgspec.Struct, kw_only=True):
+    base_url: str
+    model: str | None
+
+
+class StudentSummary(msgspec.Struct, kw_only=True):
+    base_url: str
+    base_model: str
+
+
+class PolicySummary(msgspec.Struct, kw_only=True):
+    """What a policy says, for people (``policy check``) and the admin API (``GET /admin/policy``)."""
+
+    teacher: TeacherSummary
+    student: StudentSummary | None
+    tasks: list[TaskPolicyRow]
+    """The defaults (as ``(defaults)``), then every task the policy names."""
+
+
+def _summary_row(name: str, tp: TaskPolicy) -> TaskPolicyRow:
+    return TaskPolicyRow(
+        task=name,
+        distill=tp.distill,
+        scorer=tp.promote.scorer,
+        threshold=tp.promote.threshold,
+        min_samples=tp.promote.min_samples,
+        shadow_rate=tp.shadow.rate,
+        canary=list(tp.canary),
+        audit_rate=tp.audit.rate,
+        rollback_below=tp.audit.rollback_below,
+        cache=tp.cache.enabled,
+    )
+
+
+def policy_summary(policy: Policy) -> PolicySummary:
+    """The resolved settings of the defaults and of every task named in the policy."""
+    rows = [_summary_row("(defaults)", policy.defaults)]
+    rows += [_summary_row(name, policy.for_task(name)) for name in policy.tasks]
+    student = policy.student
+    return PolicySummary(
+        teacher=TeacherSummary(base_url=policy.teacher.base_url, model=policy.teacher.model),
+        student=StudentSummary(base_url=student.base_url, base_model=student.base_model) if student else None,
+        tasks=rows,
+    )

@@ -16,10 +16,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+import msgspec
 import yaml
 
 from gateway.store.models import utcnow
-from router.policy import Policy, PolicyError, parse_policy
+from router.policy import Policy, PolicyError, PolicySummary, parse_policy, policy_summary
 
 log = logging.getLogger("distillgate.policy")
 
@@ -42,6 +43,33 @@ def _stamp(path: Path) -> _FileStamp | None:
     except OSError:
         return None
     return _FileStamp(st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+class PolicyStatus(msgspec.Struct, kw_only=True):
+    """Which policy is in force (``GET /admin/policy``)."""
+
+    file: str | None
+    """The watched policy file; none when the policy was given in code."""
+    version: int
+    """1 at start, +1 per applied edit; 0 when no policy is loaded."""
+    loaded_at: str | None
+    last_error: str | None
+    """Why the last refused edit was refused, naming the bad key (cleared by the next good one)."""
+    last_error_at: str | None
+    policy: PolicySummary | None
+
+    @classmethod
+    def of(cls, store: PolicyStore | None) -> PolicyStatus:
+        if store is None:
+            return cls(file=None, version=0, loaded_at=None, last_error=None, last_error_at=None, policy=None)
+        return cls(
+            file=str(store.path) if store.path is not None else None,
+            version=store.version,
+            loaded_at=store.loaded_at.isoformat(),
+            last_error=store.last_error,
+            last_error_at=store.last_error_at.isoformat() if store.last_error_at else None,
+            policy=policy_summary(store.policy),
+        )
 
 
 class PolicyStore:
@@ -94,6 +122,10 @@ class PolicyStore:
         except yaml.YAMLError as exc:
             raise PolicyError(f"invalid policy: {self.path} is not valid YAML: {exc}") from None
         return parse_policy(data, str(self.path))
+
+    def current(self) -> Policy:
+        """The policy in force (for parts that take a policy reader)."""
+        return self.policy
 
     def on_reload(self, callback: ReloadCallback) -> None:
         """Register ``callback`` to run after each successful reload."""

@@ -31,7 +31,7 @@ class GateOutcome:
     """A verdict and, when it moved the task, the task as stored afterwards."""
 
     task: str
-    from_stage: str
+    from_stage: Stage
     verdict: GateVerdict
     applied: Task | None = None
 
@@ -194,7 +194,7 @@ class Promoter:
             task = session.get(Task, task_key)
         if policy is None or task is None or task.adapter != adapter:
             return None
-        if task.stage not in (Stage.canary.value, Stage.serving.value):
+        if task.stage not in (Stage.canary, Stage.serving):
             return None
         streak = self.error_streak(task_key)
         task_policy = policy.for_task(task_key)

@@ -19,7 +19,7 @@ from sqlalchemy import update
 from sqlmodel import col
 
 from gateway.store.db import Database
-from gateway.store.models import Record, ShadowPair
+from gateway.store.models import Record, ShadowPair, Stage
 from router.decide import PairKind
 from router.policy import Policy
 from router.scorers import pick_scorer, score_pair
@@ -44,7 +44,7 @@ class ShadowJob:
     task: str
     adapter: str
     kind: PairKind
-    stage: str
+    stage: Stage
     request: Mapping[str, Any]
     """The client's chat completions body (as received)."""
     teacher_response: Mapping[str, Any] | None = None

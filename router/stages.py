@@ -131,7 +131,7 @@ def promotion_target(state: StageState, canary: Sequence[float] = DEFAULT_CANARY
         if state.canary_step + 1 < len(canary):
             return Stage.canary, state.canary_step + 1
         return Stage.serving, 0
-    raise TransitionError(f"a task in stage {state.stage.value} has no next stage to be promoted to")
+    raise TransitionError(f"a task in stage {state.stage} has no next stage to be promoted to")
 
 
 def transition(
@@ -160,7 +160,7 @@ def transition(
     """
     if to_stage == RESUME:
         if state.stage is not Stage.paused or state.paused_from is None:
-            raise TransitionError(f"only a paused task can be resumed (this one is {state.stage.value})")
+            raise TransitionError(f"only a paused task can be resumed (this one is {state.stage})")
         to = state.paused_from
         resuming = True
     else:
@@ -168,7 +168,7 @@ def transition(
             to = Stage(to_stage)
         except ValueError:
             raise TransitionError(
-                f"unknown stage {to_stage!r} (one of {', '.join(s.value for s in Stage)}, or {RESUME})"
+                f"unknown stage {to_stage!r} (one of {', '.join(Stage)}, or {RESUME})"
             ) from None
         resuming = state.stage is Stage.paused and to == state.paused_from
     frm = state.stage
@@ -196,7 +196,7 @@ def transition(
     else:
         new_adapter = adapter
     if to in _NEEDS_ADAPTER and not new_adapter:
-        raise TransitionError(f"stage {to.value} needs an adapter and the task has none")
+        raise TransitionError(f"stage {to} needs an adapter and the task has none")
 
     paused_from = (state.paused_from if frm is Stage.paused else frm) if to is Stage.paused else None
     ratio = 0.0 if to is Stage.paused else student_ratio(to, step, canary)
@@ -221,9 +221,9 @@ def _check_legal(
 ) -> None:
     if frm is Stage.paused:
         if not resuming:
-            back = state.paused_from.value if state.paused_from else "its earlier stage"
+            back = state.paused_from or "its earlier stage"
             raise TransitionError(
-                f"a paused task can only resume to {back}, not move to {to.value} (force it to do that)"
+                f"a paused task can only resume to {back}, not move to {to} (force it to do that)"
             )
         if to is Stage.canary and step != state.canary_step:
             raise TransitionError(f"a paused canary task resumes at its step {state.canary_step}, not {step}")
@@ -245,12 +245,11 @@ def _check_legal(
             f"the task is at step {state.canary_step}"
         )
     if to not in _ALLOWED[frm]:
-        allowed = [*sorted(s.value for s in _ALLOWED[frm]), "paused"]
+        allowed: list[str] = [*sorted(_ALLOWED[frm]), Stage.paused]
         if frm is Stage.canary:
             allowed.append("canary (next step)")
         raise TransitionError(
-            f"illegal transition {frm.value} → {to.value} "
-            f"(allowed: {', '.join(allowed)}; force it to override)"
+            f"illegal transition {frm} → {to} (allowed: {', '.join(allowed)}; force it to override)"
         )
 
 
@@ -281,9 +280,7 @@ def transition_task(
             raise UnknownTask(f"no task {task_key!r}")
         state = StageState.from_task(task)
         if expect_stage is not None and state.stage != Stage(expect_stage):
-            raise StaleTransition(
-                f"task {task_key!r} is in {state.stage.value}, not {Stage(expect_stage).value}"
-            )
+            raise StaleTransition(f"task {task_key!r} is in {state.stage}, not {Stage(expect_stage)}")
         if expect_step is not None and state.canary_step != expect_step:
             raise StaleTransition(
                 f"task {task_key!r} is at canary step {state.canary_step}, not {expect_step}"
@@ -296,16 +293,16 @@ def transition_task(
             update(Task)
             .where(
                 col(Task.key) == task_key,
-                col(Task.stage) == state.stage.value,
+                col(Task.stage) == state.stage,
                 col(Task.canary_step) == state.canary_step,
             )
             .values(
-                stage=new.stage.value,
+                stage=new.stage,
                 adapter=new.adapter,
                 canary_step=new.canary_step,
                 student_ratio=new.student_ratio,
                 paused=new.stage is Stage.paused,
-                paused_from=new.paused_from.value if new.paused_from else None,
+                paused_from=new.paused_from,
                 reason=reason,
                 updated_at=now,
             )
@@ -316,8 +313,8 @@ def transition_task(
         session.add(
             TaskTransition(
                 task=task_key,
-                from_stage=record.from_stage.value,
-                to_stage=record.to_stage.value,
+                from_stage=record.from_stage,
+                to_stage=record.to_stage,
                 adapter=record.adapter,
                 reason=record.reason,
                 evidence=record.stored_evidence(),

@@ -2,7 +2,8 @@
 ``GET /admin/tasks…`` and ``distillgate tasks``, and the forced moves both apply.
 
 Synchronous (database); the gateway runs these in a worker thread. The admin API and the CLI
-call the same functions, so they show the same numbers and move tasks the same way.
+call the same functions and show the same typed views (``TaskRow``, ``TaskDetail``, ``PairView``),
+so they show the same numbers and move tasks the same way.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Final, Literal
 
+import msgspec
 from sqlalchemy import case, func
 from sqlalchemy import select as sa_select
 from sqlmodel import col, select
@@ -37,7 +39,77 @@ class UnknownAdapter(LookupError):
     """No adapter of that name is registered for the task."""
 
 
-def _row(task: Task, n: int, passed: int, mean: float) -> dict[str, Any]:
+class TaskRow(msgspec.Struct, kw_only=True):
+    """A task with the shadow evidence of its current adapter."""
+
+    task: str
+    stage: Stage
+    adapter: str | None
+    student_ratio: float
+    """The student's share of the task's traffic, set by its last transition."""
+    canary_step: int
+    paused_from: Stage | None
+    pairs: int
+    """Shadow, canary and audit pairs of the current adapter."""
+    pass_rate: float | None
+    mean_score: float | None
+    reason: str | None
+    """Why the task is where it is (its last transition's reason)."""
+    updated_at: str
+
+
+class KindSummary(msgspec.Struct, kw_only=True):
+    """The current adapter's pairs of one kind (shadow, canary, audit)."""
+
+    pairs: int
+    pass_rate: float | None
+    mean_score: float | None
+    student_errors: int
+
+
+class TransitionView(msgspec.Struct, kw_only=True):
+    """A stage change with its reason and the numbers behind it."""
+
+    id: int | None
+    from_stage: Stage
+    to_stage: Stage
+    adapter: str | None
+    reason: str
+    evidence: dict[str, Any]
+    forced: bool
+    created_at: str
+
+
+class TaskDetail(TaskRow, kw_only=True):
+    """A task's row, its training envelope, per-kind pair counts and its newest transitions."""
+
+    first_seen_at: str
+    features: dict[str, Any] | None
+    """What the student was trained on (models, tools, max prompt tokens)."""
+    pairs_by_kind: dict[str, KindSummary]
+    transitions: list[TransitionView]
+    """Newest first."""
+
+
+class PairView(msgspec.Struct, kw_only=True):
+    """A scored shadow pair with both answers (each absent when the client opted out)."""
+
+    id: int | None
+    record_id: str
+    adapter: str
+    kind: str
+    stage: Stage
+    scorer: str
+    score: float
+    passed: bool
+    error: str | None
+    student_latency_ms: float | None
+    student_response: dict[str, Any] | None
+    teacher_response: dict[str, Any] | None
+    created_at: str
+
+
+def _row_fields(task: Task, n: int, passed: int, mean: float) -> dict[str, Any]:
     return {
         "task": task.key,
         "stage": task.stage,
@@ -53,7 +125,7 @@ def _row(task: Task, n: int, passed: int, mean: float) -> dict[str, Any]:
     }
 
 
-def task_rows(db: Database) -> list[dict[str, Any]]:
+def task_rows(db: Database) -> list[TaskRow]:
     """Every stored task with its shadow evidence for the current adapter (all pairs so far).
 
     ``student_ratio`` is the student's share of the task's traffic set by its last transition.
@@ -70,23 +142,26 @@ def task_rows(db: Database) -> list[dict[str, Any]]:
             ).group_by(col(ShadowPair.task), col(ShadowPair.adapter))
         ).all()
     by_adapter = {(t, a): (int(n), int(p or 0), float(s or 0.0)) for t, a, n, p, s in counts}
-    return [_row(task, *by_adapter.get((task.key, task.adapter or ""), (0, 0, 0.0))) for task in tasks]
+    return [
+        TaskRow(**_row_fields(task, *by_adapter.get((task.key, task.adapter or ""), (0, 0, 0.0))))
+        for task in tasks
+    ]
 
 
-def transition_dict(row: TaskTransition) -> dict[str, Any]:
-    return {
-        "id": row.id,
-        "from_stage": row.from_stage,
-        "to_stage": row.to_stage,
-        "adapter": row.adapter,
-        "reason": row.reason,
-        "evidence": row.evidence or {},
-        "forced": row.forced,
-        "created_at": row.created_at.isoformat(),
-    }
+def transition_view(row: TaskTransition) -> TransitionView:
+    return TransitionView(
+        id=row.id,
+        from_stage=row.from_stage,
+        to_stage=row.to_stage,
+        adapter=row.adapter,
+        reason=row.reason,
+        evidence=row.evidence or {},
+        forced=row.forced,
+        created_at=row.created_at.isoformat(),
+    )
 
 
-def task_detail(db: Database, key: str, transitions: int = 100) -> dict[str, Any]:
+def task_detail(db: Database, key: str, transitions: int = 100) -> TaskDetail:
     """One task: its row (as ``task_rows``), its training envelope, per-kind pair counts for
     the current adapter, and its newest ``transitions`` with their evidence. Raises ``UnknownTask``."""
     with db.session() as session:
@@ -110,31 +185,31 @@ def task_detail(db: Database, key: str, transitions: int = 100) -> dict[str, Any
             .order_by(col(TaskTransition.created_at).desc(), col(TaskTransition.id).desc())
             .limit(transitions)
         ).all()
-    kinds: dict[str, dict[str, Any]] = {}
+    kinds: dict[str, KindSummary] = {}
     total = passed = 0
     score_sum = 0.0
     for kind, n, p, mean, errors in by_kind:
         n, p, mean = int(n), int(p or 0), float(mean or 0.0)
         total, passed, score_sum = total + n, passed + p, score_sum + mean * n
-        kinds[kind] = {
-            "pairs": n,
-            "pass_rate": p / n if n else None,
-            "mean_score": mean if n else None,
-            "student_errors": int(errors or 0),
-        }
+        kinds[kind] = KindSummary(
+            pairs=n,
+            pass_rate=p / n if n else None,
+            mean_score=mean if n else None,
+            student_errors=int(errors or 0),
+        )
     mean = score_sum / total if total else 0.0
-    return {
-        **_row(task, total, passed, mean),
-        "first_seen_at": task.first_seen_at.isoformat(),
-        "features": task.features,
-        "pairs_by_kind": kinds,
-        "transitions": [transition_dict(row) for row in moves],
-    }
+    return TaskDetail(
+        **_row_fields(task, total, passed, mean),
+        first_seen_at=task.first_seen_at.isoformat(),
+        features=task.features,
+        pairs_by_kind=kinds,
+        transitions=[transition_view(row) for row in moves],
+    )
 
 
 def recent_pairs(
     db: Database, key: str, limit: int = 50, *, kind: str | None = None, adapter: str | None = None
-) -> list[dict[str, Any]]:
+) -> list[PairView]:
     """The task's newest shadow pairs (all adapters unless ``adapter``), each with its scores,
     the student's answer and the teacher's (from the record; absent when the client opted out).
     Raises ``UnknownTask``."""
@@ -153,27 +228,24 @@ def recent_pairs(
         records = (
             {r.id: r for r in session.exec(select(Record).where(col(Record.id).in_(ids)))} if ids else {}
         )
-    out = []
-    for pair in pairs:
-        record = records.get(pair.record_id)
-        out.append(
-            {
-                "id": pair.id,
-                "record_id": pair.record_id,
-                "adapter": pair.adapter,
-                "kind": pair.kind,
-                "stage": pair.stage,
-                "scorer": pair.scorer,
-                "score": pair.score,
-                "passed": pair.passed,
-                "error": pair.error,
-                "student_latency_ms": pair.student_latency_ms,
-                "student_response": pair.student_response,
-                "teacher_response": _teacher_answer(record),
-                "created_at": pair.created_at.isoformat(),
-            }
+    return [
+        PairView(
+            id=pair.id,
+            record_id=pair.record_id,
+            adapter=pair.adapter,
+            kind=pair.kind,
+            stage=pair.stage,
+            scorer=pair.scorer,
+            score=pair.score,
+            passed=pair.passed,
+            error=pair.error,
+            student_latency_ms=pair.student_latency_ms,
+            student_response=pair.student_response,
+            teacher_response=_teacher_answer(records.get(pair.record_id)),
+            created_at=pair.created_at.isoformat(),
         )
-    return out
+        for pair in pairs
+    ]
 
 
 def _teacher_answer(record: Record | None) -> dict[str, Any] | None:
@@ -224,7 +296,7 @@ def force_move(
             state.stage is Stage.paused and state.paused_from in _STUDENT_STAGES
         )
         if not on_student:
-            raise TransitionError(f"task {key!r} is in {state.stage.value}: no student to roll back")
+            raise TransitionError(f"task {key!r} is in {state.stage}: no student to roll back")
         target = Stage.rolled_back
     elif move == "pause":
         if state.stage is Stage.paused:
@@ -236,12 +308,10 @@ def force_move(
         try:
             target = Stage(move)
         except ValueError:
-            raise TransitionError(
-                f"unknown stage {move!r} (one of {', '.join(s.value for s in Stage)})"
-            ) from None
+            raise TransitionError(f"unknown stage {move!r} (one of {', '.join(Stage)})") from None
         same = target is state.stage and (target is not Stage.canary or step == state.canary_step)
         if same and adapter in (None, state.adapter):
-            raise TransitionError(f"task {key!r} is in {target.value} already")
+            raise TransitionError(f"task {key!r} is in {target} already")
     return transition_task(
         db,
         key,

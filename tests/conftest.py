@@ -11,9 +11,8 @@ from typing import Any
 import pytest
 
 from demo.teacher import ScriptedTeacher, create_teacher_app
-from gateway.app import create_app
+from gateway.app import ServingParts, create_app
 from gateway.auth import create_key
-from gateway.runtime import Gateway
 from gateway.settings import Settings
 from gateway.store.db import Database
 from router.policy import Policy, parse_policy
@@ -73,7 +72,8 @@ def make_policy(teacher_url: str, **extra: Any) -> Policy:
 class RunningGateway:
     url: str
     server: ServerThread
-    gateway: Gateway
+    gateway: ServingParts
+    """What the gateway process built (``app.state.parts``)."""
     key: str
     admin_key: str
     database_url: str
@@ -85,7 +85,7 @@ class RunningGateway:
     def flush(self) -> None:
         # A stream's record is handed over after its last byte reached the client: wait for the
         # requests still finishing, then for the writer.
-        wait_until(lambda: self.gateway.in_flight == 0, 10)
+        wait_until(lambda: self.gateway.admission.in_flight == 0, 10)
         assert self.gateway.recorder.flush(30)
 
     def db(self) -> Database:
@@ -94,7 +94,7 @@ class RunningGateway:
 
 def start_gateway(
     database_url: str, policy: Policy, tmp_path: Path, **settings: Any
-) -> tuple[ServerThread, Gateway, str]:
+) -> tuple[ServerThread, ServingParts, str]:
     cfg = Settings(
         database_url=database_url,
         auth={"required": True, "admin_key": ADMIN_KEY},
@@ -104,7 +104,7 @@ def start_gateway(
     )
     app = create_app(cfg, policy=policy)
     server = ServerThread(app).start()
-    gw: Gateway = app.state.gateway
+    gw: ServingParts = app.state.parts
     _, key = create_key(gw.db, "tests")
     return server, gw, key
 

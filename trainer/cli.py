@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 from pathlib import Path
@@ -16,7 +15,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from gateway.settings import Settings, load_settings
+from gateway.cli_options import ConfigOpt, JsonOpt, print_json, settings_from
+from gateway.settings import Settings
 from gateway.store.db import Database
 from router.policy import Policy, PolicyError, load_policy
 
@@ -27,13 +27,6 @@ student_app = typer.Typer(
 )
 
 console = Console(stderr=True)
-ConfigOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--config", "-c", help="Settings YAML file.", envvar="DISTILLGATE_CONFIG", exists=True, dir_okay=False
-    ),
-]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for machines.")]
 TaskOpt = Annotated[str, typer.Option("--task", "-t", help="Task key.")]
 
 
@@ -45,14 +38,6 @@ def register(app: typer.Typer) -> None:
     app.add_typer(adapters_app, name="adapters")
     app.add_typer(dataset_app, name="dataset")
     app.add_typer(student_app, name="student")
-
-
-def _settings(config: Path | None) -> Settings:
-    try:
-        return load_settings(config)
-    except Exception as exc:
-        console.print(f"[red]invalid settings:[/red] {exc}")
-        raise typer.Exit(2) from None
 
 
 def _policy(settings: Settings) -> Policy:
@@ -68,10 +53,6 @@ def _policy(settings: Settings) -> Policy:
         raise typer.Exit(2) from None
 
 
-def _echo_json(data: Any) -> None:
-    typer.echo(json.dumps(data, default=str))
-
-
 def train(
     task: TaskOpt,
     config: ConfigOpt = None,
@@ -84,7 +65,7 @@ def train(
     from trainer.registry import NotEnoughData, train_task
     from trainer.scheduler import TrainingLease
 
-    settings = _settings(config)
+    settings = settings_from(config)
     policy = _policy(settings)
     model = base_model or (policy.student.base_model if policy.student else None)
     if not model:
@@ -103,7 +84,7 @@ def train(
         )
     except NotEnoughData as exc:
         if as_json:
-            _echo_json({"task": task, "status": "failed", "error": str(exc)})
+            print_json({"task": task, "status": "failed", "error": str(exc)})
         else:
             console.print(f"[yellow]{exc}[/yellow]")
         raise typer.Exit(1) from None
@@ -130,7 +111,7 @@ def train(
         "run_id": outcome.run.id,
     }
     if as_json:
-        _echo_json(summary)
+        print_json(summary)
         return
     table = Table(title=f"trained {adapter.name}", show_header=False)
     for key, value in summary.items():
@@ -147,14 +128,14 @@ def adapters_list(
     """List adapter versions with their status and held-out losses."""
     from trainer.registry import list_adapters
 
-    settings = _settings(config)
+    settings = settings_from(config)
     db = Database(settings.database_url)
     try:
         adapters = list_adapters(db, task)
     finally:
         db.dispose()
     if as_json:
-        _echo_json([a.model_dump() for a in adapters])
+        print_json([a.model_dump() for a in adapters])
         return
     table = Table(title="adapters")
     table.add_column("name", no_wrap=True)
@@ -187,7 +168,7 @@ def dataset_build(task: TaskOpt, config: ConfigOpt = None, as_json: JsonOpt = Fa
         **selection.counts(),
     }
     if as_json:
-        _echo_json(data)
+        print_json(data)
         return
     table = Table(title=f"dataset {snapshot.id} for {task}", show_header=False)
     for key in ("examined", "kept", "train", "holdout", "content_hash"):
@@ -202,7 +183,7 @@ def _snapshot(task: str, config: Path | None) -> tuple[Any, Any]:
     from trainer.dataset import build_snapshot
     from trainer.registry import dataset_options
 
-    settings = _settings(config)
+    settings = settings_from(config)
     policy = _policy(settings)
     db = Database(settings.database_url)
     try:
@@ -233,7 +214,7 @@ def dataset_export(
     }[split]
     n = export_jsonl(examples, out)
     if as_json:
-        _echo_json({"dataset_id": snapshot.id, "task": task, "split": split, "lines": n, "path": str(out)})
+        print_json({"dataset_id": snapshot.id, "task": task, "split": split, "lines": n, "path": str(out)})
     else:
         console.print(f"wrote {n} examples ({split}) of dataset {snapshot.id} to {out}")
 

@@ -226,7 +226,7 @@ class Scheduler:
                 tasks = session.exec(select(Task)).all()
             events = []
             for task in tasks:
-                if task.stage == Stage.rolled_back.value:
+                if task.stage == Stage.rolled_back:
                     self._move(
                         task.key,
                         Stage.collecting,
@@ -235,7 +235,7 @@ class Scheduler:
                         expect=Stage.rolled_back,
                     )
                     continue
-                if task.stage == Stage.training.value and self._abandoned(task.key):
+                if task.stage == Stage.training and self._abandoned(task.key):
                     # Its trainer died (process killed, machine lost) before moving it on.
                     self._move(
                         task.key,
@@ -246,7 +246,7 @@ class Scheduler:
                         expect=Stage.training,
                     )
                     continue
-                if task.stage != Stage.collecting.value:
+                if task.stage != Stage.collecting:
                     continue
                 tp = policy.for_task(task.key)
                 now = utcnow()
@@ -412,7 +412,7 @@ class Scheduler:
         try:
             task = transition_task(self.db, key, to, reason, evidence, **kwargs)
         except TransitionError as exc:
-            log.info("task %s not moved to %s: %s", key, to.value, exc)
+            log.info("task %s not moved to %s: %s", key, to, exc)
             return None
         if to is Stage.training:
             with self.db.session() as session:

@@ -1,108 +1,126 @@
-"""The admin API (``/admin``, admin credential only) and feedback on recorded exchanges."""
+"""The admin API: one Litestar ``Router`` at ``/admin`` whose guard, tag and error handlers every
+admin route shares. The recorder, records and policy routes live here, the task routes in
+``gateway.api.tasks``; every route answers a typed struct, so ``/docs`` shows each response.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any
 
 import msgspec
-from litestar import Request, get, post
+from litestar import Request, Response, Router, get, post
+from litestar.connection import ASGIConnection
+from litestar.exceptions import ValidationException
+from litestar.handlers.base import BaseRouteHandler
 from litestar.params import Parameter
-from sqlmodel import col, select
+from litestar.types import ExceptionHandlersMap
 
-from gateway.auth import require_admin
-from gateway.errors import NotFound
-from gateway.protocol import decode_body, validate
-from gateway.runtime import Gateway
-from gateway.store.models import Record
+from gateway.api import tasks
+from gateway.auth import KeyRing, require_admin
+from gateway.errors import GatewayError, NotFound, error_bytes
+from gateway.recorder import Recorder
+from gateway.store.db import Database
+from gateway.store.queries import RecordView, recent_records, record
+from router.policy_store import PolicyStatus, PolicyStore
+from router.stages import UnknownTask
+from router.tasks import UnknownAdapter
 
-
-async def admin_caller(request: Request[Any, Any, Any]) -> Gateway:
-    gw: Gateway = request.app.state.gateway
-    caller = await gw.keys.authenticate(request.headers.get("authorization"))
-    require_admin(caller)
-    return gw
-
-
-@post("/admin/recorder/flush", status_code=200, summary="Write every queued record now", tags=["admin"])
-async def flush_recorder(request: Request[Any, Any, Any]) -> dict[str, Any]:
-    gw = await admin_caller(request)
-    done = await asyncio.to_thread(gw.recorder.flush)
-    return {
-        "flushed": done,
-        "written": gw.recorder.written,
-        "spooled": gw.recorder.spooled,
-        "queue_depth": gw.recorder.depth,
-    }
+JSON = "application/json"
+_FIELD = re.compile(r"`([^`]+)`")
 
 
-@get("/admin/records", summary="Recent records", tags=["admin"])
+async def admin_only(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    """The guard of every admin route: the admin credential. It runs before the body is read, so a
+    caller without it learns nothing about what the body should have been."""
+    keys: KeyRing = connection.app.state.parts.keys
+    require_admin(await keys.authenticate(connection.headers.get("authorization")))
+
+
+def _invalid(_: Request[Any, Any, Any], exc: ValidationException) -> Response[bytes]:
+    """A body or query the route cannot read: 400 naming each bad field (``param``: the first)."""
+    problems = [p for p in exc.extra if isinstance(p, dict)] if isinstance(exc.extra, list) else []
+    fields, details = [], []
+    for problem in problems:
+        message, key = str(problem.get("message", "")), problem.get("key")
+        if key == "data":  # the body as a whole: the message names the field, e.g. "missing … `to`"
+            named = _FIELD.search(message)
+            key = named.group(1) if named else None
+        if key:
+            fields.append(str(key))
+        details.append(f"{key}: {message}" if key else message)
+    message = "Invalid request: " + ("; ".join(details) or str(exc.detail))
+    body = error_bytes(message, "invalid_request_error", fields[0] if fields else None, "invalid_value")
+    return Response(content=body, status_code=400, media_type=JSON)
+
+
+def _error(exc: GatewayError) -> Response[bytes]:
+    return Response(content=exc.to_bytes(), status_code=exc.status, media_type=JSON)
+
+
+def _unknown_task(request: Request[Any, Any, Any], _: UnknownTask) -> Response[bytes]:
+    return _error(NotFound(f"No task '{request.path_params.get('task')}'.", param="task"))
+
+
+def _unknown_adapter(_: Request[Any, Any, Any], exc: UnknownAdapter) -> Response[bytes]:
+    return _error(NotFound(f"{str(exc).capitalize()}.", param="adapter"))
+
+
+ERRORS: ExceptionHandlersMap = {
+    ValidationException: _invalid,
+    UnknownTask: _unknown_task,
+    UnknownAdapter: _unknown_adapter,
+}
+
+
+class FlushResult(msgspec.Struct, kw_only=True):
+    flushed: bool
+    """Everything queued before the call is written (or spooled)."""
+    written: int
+    spooled: int
+    queue_depth: int
+
+
+class RecordList(msgspec.Struct, kw_only=True):
+    object: str = "list"
+    data: list[RecordView]
+
+
+@post("/recorder/flush", status_code=200, summary="Write every queued record now")
+async def flush_recorder(recorder: Recorder) -> FlushResult:
+    done = await asyncio.to_thread(recorder.flush)
+    return FlushResult(
+        flushed=done, written=recorder.written, spooled=recorder.spooled, queue_depth=recorder.depth
+    )
+
+
+@get("/records", summary="Recent records")
 async def list_records(
-    request: Request[Any, Any, Any],
-    task: str | None = None,
-    limit: int = Parameter(default=50, ge=1, le=1000),
-) -> dict[str, Any]:
-    gw = await admin_caller(request)
-
-    def query() -> list[dict[str, Any]]:
-        with gw.db.session() as session:
-            stmt = select(Record).order_by(col(Record.created_at).desc()).limit(limit)
-            if task is not None:
-                stmt = stmt.where(Record.task == task)
-            return [row.model_dump(mode="json") for row in session.exec(stmt)]
-
-    return {"object": "list", "data": await asyncio.to_thread(query)}
+    db: Database, task: str | None = None, limit: int = Parameter(default=50, ge=1, le=1000)
+) -> RecordList:
+    return RecordList(data=await asyncio.to_thread(recent_records, db, task=task, limit=limit))
 
 
-@get("/admin/records/{record_id:str}", summary="One record", tags=["admin"])
-async def get_record(request: Request[Any, Any, Any], record_id: str) -> dict[str, Any]:
-    gw = await admin_caller(request)
-
-    def query() -> dict[str, Any] | None:
-        with gw.db.session() as session:
-            row = session.get(Record, record_id)
-            return None if row is None else row.model_dump(mode="json")
-
-    row = await asyncio.to_thread(query)
-    if row is None:
+@get("/records/{record_id:str}", summary="One record")
+async def get_record(db: Database, record_id: str) -> RecordView:
+    found = await asyncio.to_thread(record, db, record_id)
+    if found is None:
         raise NotFound(f"No record with id '{record_id}'.", param="record_id")
-    return row
+    return found
 
 
-class FeedbackRequest(msgspec.Struct):
-    request_id: str
-    """The ``x-distillgate-request-id`` of the exchange."""
-    score: float | None = None
-    """Negative means the answer was bad; such records are never trained on."""
-    label: str | None = None
-    comment: str | None = None
+@get("/policy", summary="The routing policy in force")
+async def get_policy(policy_store: PolicyStore | None) -> PolicyStatus:
+    """Its version (1 at start, +1 per applied edit), when it was loaded, and the last refused
+    edit's error naming the bad key (cleared by the next good one)."""
+    return PolicyStatus.of(policy_store)
 
 
-@post("/v1/feedback", status_code=200, summary="Attach feedback to a recorded exchange", tags=["feedback"])
-async def feedback(request: Request[Any, Any, Any]) -> dict[str, Any]:
-    """Any valid key may rate its exchanges; the trainer excludes negatively rated ones."""
-    gw: Gateway = request.app.state.gateway
-    caller = await gw.authenticate(request.headers.get("authorization"))
-    fb = validate(decode_body(await request.body()), FeedbackRequest)
-    await asyncio.to_thread(gw.recorder.flush)
-
-    def attach() -> bool:
-        with gw.db.session() as session:
-            row = session.get(Record, fb.request_id)
-            if row is None or (
-                row.api_key_id is not None and not caller.admin and row.api_key_id != caller.key_id
-            ):
-                return False
-            row.feedback = {
-                k: v for k, v in msgspec.structs.asdict(fb).items() if k != "request_id" and v is not None
-            }
-            session.add(row)
-            session.commit()
-            return True
-
-    if not await asyncio.to_thread(attach):
-        raise NotFound(f"No record with id '{fb.request_id}'.", param="request_id")
-    return {"id": fb.request_id, "object": "feedback", "status": "recorded"}
-
-
-ROUTES = [flush_recorder, list_records, get_record, feedback]
+router = Router(
+    "/admin",
+    route_handlers=[flush_recorder, list_records, get_record, *tasks.ROUTES, get_policy],
+    guards=[admin_only],
+    tags=["admin"],
+    exception_handlers=ERRORS,
+)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from litestar import Request, Response, get
+from litestar import Response, get
 
-from gateway.runtime import Gateway
+from gateway.store.db import Database
+from gateway.upstream import Upstreams
+from router.policy_store import PolicyStore
 
 
 @get(["/healthz", "/health"], summary="Liveness", include_in_schema=True)
@@ -17,11 +19,12 @@ async def healthz() -> dict[str, str]:
 
 
 @get("/readyz", summary="Readiness")
-async def readyz(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
+async def readyz(
+    db: Database, policy_store: PolicyStore | None, upstreams: Upstreams
+) -> Response[dict[str, Any]]:
     """Ready when the database answers, a policy is loaded and a teacher is configured."""
-    gw: Gateway = request.app.state.gateway
-    db_ok = await asyncio.to_thread(gw.db.ping)
-    checks = {"database": db_ok, "policy": gw.policy is not None, "teacher": gw.teacher is not None}
+    db_ok = await asyncio.to_thread(db.ping)
+    checks = {"database": db_ok, "policy": policy_store is not None, "teacher": upstreams.teacher is not None}
     ready = all(checks.values())
     return Response(
         {"status": "ready" if ready else "not ready", "checks": checks}, status_code=200 if ready else 503

@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator
 from typing import Any, cast
 
-import orjson
 from litestar import Request, Response, asgi, get
 from litestar.handlers import ASGIRouteHandler
 from litestar.types import HTTPScope, Receive, Scope, Send
 
 from gateway.errors import InvalidRequest, PayloadTooLarge
-from gateway.proxy import JSON, Pipeline, Reply
-from gateway.runtime import Gateway
+from gateway.pipeline import JSON, Pipeline, Reply
 from gateway.shedding import shedding_middleware
 
 
@@ -120,7 +117,7 @@ def _route(path: str, method: str, summary: str, description: str) -> ASGIRouteH
             raise MethodNotAllowed(f"Method {http_method} is not allowed here; use POST.")
         pipeline = _pipeline(scope)
         try:
-            raw = await read_body(scope, receive, pipeline.gw.settings.max_body_bytes)
+            raw = await read_body(scope, receive, pipeline.max_body_bytes)
         except ClientGone:
             return
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
@@ -155,34 +152,9 @@ embeddings = _route(
 
 
 @get("/v1/models", summary="List models")
-async def list_models(request: Request[Any, Any, Any]) -> Response[bytes]:
+async def list_models(request: Request[Any, Any, Any], pipeline: Pipeline) -> Response[bytes]:
     """The teacher's models, then each student adapter that serves a task."""
-    gw: Gateway = request.app.state.gateway
-    await gw.authenticate(request.headers.get("authorization"))
-    policy = gw.policy
-    data: list[dict[str, Any]] = []
-    if policy is not None:
-        names = list(policy.teacher.models) or ([policy.teacher.model] if policy.teacher.model else [])
-        if not names and gw.teacher is not None:
-            try:
-                status, raw = await gw.teacher.get("/models")
-                if status == 200:
-                    names = [m["id"] for m in orjson.loads(raw).get("data", []) if isinstance(m, dict)]
-            except Exception:
-                names = []
-        data = [{"id": name, "object": "model", "created": 0, "owned_by": "teacher"} for name in names]
-    for adapter, task in gw.serving_adapters():
-        data.append(
-            {
-                "id": adapter,
-                "object": "model",
-                "created": int(time.time()),
-                "owned_by": "distillgate",
-                "parent": policy.student.base_model if policy and policy.student else None,
-                "task": task,
-            }
-        )
-    return Response(content=orjson.dumps({"object": "list", "data": data}), media_type=JSON)
+    return Response(content=await pipeline.models(request.headers.get("authorization")), media_type=JSON)
 
 
 ROUTES = [chat_completions, completions, embeddings, list_models]

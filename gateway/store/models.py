@@ -1,6 +1,6 @@
 """Table models. One row per request (``Record``) is the source every later stage reads.
 
-Words as in DESIGN.md: a *task* is one prompt family; its *stage* is where it is in
+Words as in docs/ARCHITECTURE.md: a *task* is one prompt family; its *stage* is where it is in
 collecting → training → shadow → canary → serving; an *adapter* is a trained student
 version named ``task@vN``; a *shadow pair* is a teacher answer beside a student answer.
 """
@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, Column, DateTime, LargeBinary, Text, TypeDecorator
+from sqlalchemy import JSON, Column, DateTime, LargeBinary, String, Text, TypeDecorator
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlmodel import Field, SQLModel
 
@@ -55,6 +55,19 @@ class Stage(StrEnum):
     serving = "serving"
     rolled_back = "rolled_back"
     paused = "paused"
+
+
+class StageType(TypeDecorator[Stage]):
+    """A ``Stage`` stored as its name in a ``VARCHAR(20)``: the column the first migration made."""
+
+    impl = String(20)
+    cache_ok = True
+
+    def process_bind_param(self, value: Stage | str | None, dialect: Any) -> str | None:
+        return None if value is None else Stage(value).value
+
+    def process_result_value(self, value: str | None, dialect: Any) -> Stage | None:
+        return None if value is None else Stage(value)
 
 
 class Record(SQLModel, table=True):
@@ -108,7 +121,7 @@ class Task(SQLModel, table=True):
     """The state of one task in the distillation loop."""
 
     key: str = Field(primary_key=True, max_length=200)
-    stage: str = Field(default=Stage.collecting.value, max_length=20)
+    stage: Stage = Field(default=Stage.collecting, sa_type=StageType)
     adapter: str | None = Field(default=None, max_length=240)
     """The candidate (shadow/canary) or serving adapter."""
     student_ratio: float = 0.0
@@ -116,7 +129,7 @@ class Task(SQLModel, table=True):
     canary_step: int = 0
     reason: str | None = Field(default=None, sa_column=Column(Text))
     paused: bool = False
-    paused_from: str | None = Field(default=None, max_length=20)
+    paused_from: Stage | None = Field(default=None, sa_type=StageType)
     """The stage a paused task returns to when it is resumed."""
     records_at_last_train: int = 0
     last_trained_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
@@ -132,8 +145,8 @@ class TaskTransition(SQLModel, table=True):
 
     id: int | None = Field(default=None, primary_key=True)
     task: str = Field(index=True, max_length=200)
-    from_stage: str = Field(max_length=20)
-    to_stage: str = Field(max_length=20)
+    from_stage: Stage = Field(sa_type=StageType)
+    to_stage: Stage = Field(sa_type=StageType)
     adapter: str | None = Field(default=None, max_length=240)
     reason: str = Field(default="", sa_column=Column(Text))
     evidence: dict[str, Any] | None = Field(default=None, sa_column=Column(JSONType))
@@ -197,7 +210,8 @@ class ShadowPair(SQLModel, table=True):
     adapter: str = Field(index=True, max_length=240)
     kind: str = Field(default="shadow", max_length=20)
     """shadow (candidate mirrored) | canary (evidence at a canary step) | audit (serving task checked)."""
-    stage: str = Field(default="shadow", max_length=20)
+    stage: Stage = Field(default=Stage.shadow, sa_type=StageType)
+    """The task's stage when the request was routed."""
     scorer: str = Field(default="exact", max_length=40)
     score: float = 0.0
     passed: bool = False

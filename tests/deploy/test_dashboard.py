@@ -33,7 +33,7 @@ from tests.deploy.promql import (
 )
 from tests.servers import free_port, wait_until
 
-# Every metric DESIGN.md names ("Metrics"), as Prometheus stores its series.
+# Every metric docs/ARCHITECTURE.md names ("Metrics"), as Prometheus stores its series.
 DESIGN_SERIES = {
     "distillgate_requests_total",
     "distillgate_request_duration_seconds_bucket",

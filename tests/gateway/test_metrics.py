@@ -25,8 +25,8 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
 from demo.teacher import ScriptedTeacher, create_teacher_app
-from gateway.runtime import Gateway
-from gateway.store.models import Task
+from gateway.app import ServingParts
+from gateway.store.models import Stage, Task
 from router.decide import StudentEnvelope
 from tests.conftest import ADMIN_KEY, TEACHER_KEY, make_policy, start_gateway
 from tests.servers import flush, free_port, serve, wait_until
@@ -80,7 +80,7 @@ def scrape(url: str) -> Scrape:
 @dataclass
 class Traffic:
     url: str
-    gateway: Gateway
+    gateway: ServingParts
     teacher: ScriptedTeacher
 
 
@@ -113,18 +113,18 @@ def _traffic(sqlite_url: str, tmp_path: Path) -> Iterator[Traffic]:
                 session.add(
                     Task(
                         key="student",
-                        stage="serving",
+                        stage=Stage.serving,
                         adapter=ADAPTER,
                         student_ratio=1.0,
                         features=StudentEnvelope().to_features(),
                     )
                 )
                 session.commit()
-            wait_until(lambda: "student" in gw.task_states, 10)
+            wait_until(lambda: "student" in gw.tasks.task_states, 10)
             send_known_traffic(server.url, key)
             flush(server.url, ADMIN_KEY)  # tokens and dollars are counted as records are written
             # The recorder created the other tasks' rows; the gateway picks them up within a second.
-            wait_until(lambda: {"cached", "streamed", "failing", "student"} <= set(gw.task_states), 10)
+            wait_until(lambda: {"cached", "streamed", "failing", "student"} <= set(gw.tasks.task_states), 10)
             yield Traffic(server.url, gw, teacher)
         finally:
             server.stop()

@@ -98,8 +98,8 @@ def test_dead_database_at_start_still_serves_then_catches_up(teacher, tmp_path: 
                 json={"model": "m", "messages": [{"role": "user", "content": f"x{i}"}]},
             )
             assert r.status_code == 200
-        assert app.state.gateway.recorder.flush(30)
-        assert app.state.gateway.recorder.spooled == 7
+        assert app.state.parts.recorder.flush(30)
+        assert app.state.parts.recorder.spooled == 7
         ready = httpx.get(server.url + "/readyz")
         assert ready.status_code == 503 and ready.json()["checks"]["database"] is False
     finally:

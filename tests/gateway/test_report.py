@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 
 from demo.teacher import ScriptedTeacher, create_teacher_app
 from gateway.cli import app
-from gateway.store.models import Record, Task
+from gateway.store.models import Record, Stage, Task
 from router.decide import StudentEnvelope
 from tests.conftest import ADMIN_KEY, TEACHER_KEY, make_policy, start_gateway
 from tests.servers import flush, fresh_postgres_database, serve, wait_until
@@ -74,14 +74,14 @@ def _ledger(database_url: str, tmp_path: Path) -> Ledger:
                 session.add(
                     Task(
                         key="student",
-                        stage="serving",
+                        stage=Stage.serving,
                         adapter="student@v1",
                         student_ratio=1.0,
                         features=StudentEnvelope().to_features(),
                     )
                 )
                 session.commit()
-            wait_until(lambda: "student" in gw.task_states, 10)
+            wait_until(lambda: "student" in gw.tasks.task_states, 10)
             client = openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
 
             def ask(task: str, text: str, **extra: Any) -> Any:
@@ -102,7 +102,7 @@ def _ledger(database_url: str, tmp_path: Path) -> Ledger:
             with gw.db.session() as session:
                 session.execute(update(Task).where(col(Task.key) == "student").values(adapter="student@v2"))
                 session.commit()
-            wait_until(lambda: gw.task_states["student"].adapter == "student@v2", 10)
+            wait_until(lambda: gw.tasks.task_states["student"].adapter == "student@v2", 10)
             assert ask("student", "hi student").headers["x-distillgate-target"] == "student:student@v2"
             old = ask("old", "gamma").headers["x-distillgate-request-id"]
             flush(server.url, ADMIN_KEY)

@@ -24,9 +24,8 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from pydantic import SecretStr
 
 from demo.teacher import ScriptedTeacher, last_user_text
-from gateway.app import create_app
+from gateway.app import ServingParts, create_app
 from gateway.auth import create_key
-from gateway.runtime import Gateway
 from gateway.settings import AuthSettings, RecorderSettings, Settings
 from gateway.store.models import Stage
 from router.decide import StudentEnvelope, estimate_prompt_tokens
@@ -140,7 +139,7 @@ def routing_policy(teacher_url: str, student_url: str, base_model: Path, **defau
 
 def start_file_gateway(
     database_url: str, policy_file: Path, tmp_path: Path
-) -> tuple[ServerThread, Gateway, str]:
+) -> tuple[ServerThread, ServingParts, str]:
     """A gateway that reads (and watches) its policy file, as in production."""
     settings = Settings(
         database_url=database_url,
@@ -151,7 +150,7 @@ def start_file_gateway(
     )
     app = create_app(settings)
     server = ServerThread(app).start()
-    gw: Gateway = app.state.gateway
+    gw: ServingParts = app.state.parts
     _, key = create_key(gw.db, "tests")
     return server, gw, key
 
@@ -175,7 +174,7 @@ class Stack:
 
     teacher: ScriptedTeacher
     gateway_server: ServerThread
-    gw: Gateway
+    gw: ServingParts
     key: str
     student_server: ServerThread
     student_url: str
@@ -235,7 +234,7 @@ class Stack:
 
     def state(self) -> tuple[str, int]:
         """The stage and canary step the gateway routes the task on right now."""
-        state = self.gw.task_states.get(TASK)
+        state = self.gw.tasks.task_states.get(TASK)
         return (state.stage.value, state.canary_step) if state is not None else ("none", 0)
 
     def task(self) -> dict[str, Any]:
@@ -246,7 +245,7 @@ class Stack:
     def install(self, model: StudentModel, stage: Stage = Stage.shadow) -> str:
         """Register ``model`` as the task's next adapter, publish it to the student server (which
         writes the task's routing envelope) and force the task into ``stage`` with it."""
-        if self.gw.task_states.get(TASK) is None:  # the task exists once traffic recorded it
+        if self.gw.tasks.task_states.get(TASK) is None:  # the task exists once traffic recorded it
             assert self.ask().status == 200
             assert self.gw.recorder.flush(30)  # the task row is written with its first record
         adapter = register_adapter(

@@ -10,7 +10,7 @@ import typer
 from typer.testing import CliRunner
 
 from gateway.store.db import Database
-from gateway.store.models import ShadowPair, Task
+from gateway.store.models import ShadowPair, Stage, Task
 from router.cli import register
 
 POLICY = """\
@@ -83,14 +83,14 @@ def test_tasks_lists_stored_tasks_with_their_shadow_scores(app: typer.Typer, dat
         session.add(
             Task(
                 key="classify",
-                stage="canary",
+                stage=Stage.canary,
                 adapter="classify@v2",
                 canary_step=1,
                 student_ratio=0.25,
                 reason="gate: lower 0.97",
             )
         )
-        session.add(Task(key="extract", stage="collecting"))
+        session.add(Task(key="extract", stage=Stage.collecting))
         for passed in (True, True, True, False):
             session.add(
                 ShadowPair(

@@ -306,7 +306,7 @@ def test_task_state_from_a_stored_task_and_the_policys_student() -> None:
     )
     task = Task(
         key="t",
-        stage="canary",
+        stage=Stage.canary,
         adapter="t@v2",
         canary_step=1,
         student_ratio=0.25,
@@ -321,6 +321,9 @@ def test_task_state_from_a_stored_task_and_the_policys_student() -> None:
         5,
     )
     assert s.envelope == envelope
-    assert TaskState.from_task(Task(key="t", stage="serving", paused=True), pol.student).stage is Stage.paused
+    assert (
+        TaskState.from_task(Task(key="t", stage=Stage.serving, paused=True), pol.student).stage
+        is Stage.paused
+    )
     assert TaskState.from_task(task, None).adapter is None
     assert TaskState.from_task(Task(key="t", features=None), pol.student).envelope is None

@@ -54,7 +54,7 @@ def db(sqlite_url: str) -> Iterator[Database]:
     envelope = StudentEnvelope(models=frozenset({"gpt-big"}), max_prompt_tokens=1000)
     with database.session() as session:
         session.add(
-            Task(key="classify", stage="shadow", adapter="classify@v1", features=envelope.to_features())
+            Task(key="classify", stage=Stage.shadow, adapter="classify@v1", features=envelope.to_features())
         )
         session.commit()
     yield database
@@ -99,7 +99,7 @@ async def run_traffic(db: Database, agree: bool, rounds: int, per_round: int = 1
                     "classify",
                     d.adapter or "",
                     d.pair_kind or "shadow",
-                    state.stage.value,
+                    state.stage,
                     request,
                     teacher_response=reply(label),
                 )
@@ -111,7 +111,7 @@ async def run_traffic(db: Database, agree: bool, rounds: int, per_round: int = 1
                     "classify",
                     d.adapter or "",
                     d.pair_kind or "audit",
-                    state.stage.value,
+                    state.stage,
                     request,
                     student_response=answer,
                 )

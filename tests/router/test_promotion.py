@@ -10,7 +10,7 @@ import pytest
 from sqlmodel import col, select
 
 from gateway.store.db import Database
-from gateway.store.models import ShadowPair, Task, TaskTransition, utcnow
+from gateway.store.models import ShadowPair, Stage, Task, TaskTransition, utcnow
 from router.policy import Policy, parse_policy
 from router.promotion import GateOutcome, Promoter
 
@@ -33,7 +33,7 @@ def db(database_url: str) -> Iterator[Database]:
         session.add(
             Task(
                 key="classify",
-                stage="shadow",
+                stage=Stage.shadow,
                 adapter="classify@v1",
                 first_seen_at=utcnow() - timedelta(hours=1),
             )

@@ -14,7 +14,7 @@ import pytest
 from sqlmodel import col, select
 
 from gateway.store.db import Database
-from gateway.store.models import Record, ShadowPair
+from gateway.store.models import Record, ShadowPair, Stage
 from router.policy import Policy, parse_policy
 from router.shadow import ScoredPair, ShadowJob, ShadowMirror
 
@@ -77,7 +77,7 @@ def mirror_job(record_id: str, teacher: str = "billing", **kw: Any) -> ShadowJob
         task=kw.pop("task", "classify"),
         adapter=kw.pop("adapter", "classify@v1"),
         kind=kw.pop("kind", "shadow"),
-        stage=kw.pop("stage", "shadow"),
+        stage=kw.pop("stage", Stage.shadow),
         request=REQUEST,
         teacher_response=reply(teacher),
         **kw,
@@ -183,7 +183,7 @@ async def test_student_errors_and_timeouts_are_failed_pairs_with_the_reason(db: 
     slow_request = {**REQUEST, "messages": [{"role": "user", "content": "slow"}]}
     mirror.submit(mirror_job("r1"))
     mirror.submit(
-        ShadowJob("r2", "classify", "classify@v1", "shadow", "shadow", slow_request, reply("billing"))
+        ShadowJob("r2", "classify", "classify@v1", "shadow", Stage.shadow, slow_request, reply("billing"))
     )
     await mirror.drain()
     by_record = {p.record_id: p for p in pairs(db)}
@@ -212,7 +212,7 @@ async def test_an_audit_fetches_the_teacher_and_keeps_its_answer_on_the_record(d
         "classify",
         "classify@v1",
         "audit",
-        "serving",
+        Stage.serving,
         REQUEST,
         student_response=reply("billing"),
         student_latency_ms=12.5,
@@ -242,7 +242,9 @@ async def test_a_failing_teacher_abandons_the_audit_without_blaming_the_student(
 
     policy = make_policy()
     mirror = ShadowMirror(db, lambda: policy, student, teacher)
-    mirror.submit(ShadowJob("r1", "classify", "a", "audit", "serving", REQUEST, student_response=reply("x")))
+    mirror.submit(
+        ShadowJob("r1", "classify", "a", "audit", Stage.serving, REQUEST, student_response=reply("x"))
+    )
     await mirror.drain()
     assert pairs(db) == []
     assert (mirror.counters.teacher_errors, mirror.counters.student_errors, mirror.counters.scored) == (

@@ -168,7 +168,7 @@ def db(database_url: str) -> Any:
     database = Database(database_url)
     database.create_all()
     with database.session() as session:
-        session.add(Task(key="classify", stage=Stage.shadow.value, adapter="classify@v1"))
+        session.add(Task(key="classify", stage=Stage.shadow, adapter="classify@v1"))
         session.commit()
     yield database
     database.dispose()

@@ -1,4 +1,4 @@
-"""The running gateway's view of its tasks: moves apply at once and a stale re-read never undoes them."""
+"""The task table (the gateway's view of its tasks): moves apply at once and a stale re-read never undoes them."""
 
 from __future__ import annotations
 
@@ -10,11 +10,13 @@ from tests.conftest import RunningGateway
 
 
 def test_a_task_refresh_that_read_the_table_before_a_move_does_not_undo_it(gateway: RunningGateway) -> None:
-    gw, db = gateway.gateway, gateway.db()
+    gw, db = gateway.gateway.tasks, gateway.db()
     with db.session() as session:
-        session.add(Task(key="t", stage="serving", adapter="t@v1", student_ratio=1.0, updated_at=utcnow()))
+        session.add(
+            Task(key="t", stage=Stage.serving, adapter="t@v1", student_ratio=1.0, updated_at=utcnow())
+        )
         session.commit()
-    gw._load_tasks()
+    gw.load()
     assert gw.task_states["t"].stage is Stage.serving
 
     # A move applied by an admin call or the gate while a refresh was reading the table: the
@@ -31,8 +33,8 @@ def test_a_task_refresh_that_read_the_table_before_a_move_does_not_undo_it(gatew
             "updated_at": utcnow() + timedelta(seconds=1),
         }
     )
-    gw.apply_task(moved)
-    gw._load_tasks()
+    gw.apply(moved)
+    gw.load()
     assert gw.task_states["t"].stage is Stage.paused
 
     # A newer stored row wins, and applying an older task object afterwards changes nothing.
@@ -41,7 +43,7 @@ def test_a_task_refresh_that_read_the_table_before_a_move_does_not_undo_it(gatew
     with db.session() as session:
         session.add(later)
         session.commit()
-    gw._load_tasks()
+    gw.load()
     assert gw.task_states["t"].stage is Stage.rolled_back
-    gw.apply_task(moved)
+    gw.apply(moved)
     assert gw.task_states["t"].stage is Stage.rolled_back
