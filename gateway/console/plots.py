@@ -40,14 +40,14 @@ def _fmt(v: float) -> str:
     return f"{v:.0f}" if abs(v) >= 100 or float(v).is_integer() else f"{v:.2f}"
 
 
-def _bounds(values: list[float], fixed: tuple[float, float] | None) -> tuple[float, float]:
+def _bounds(values: list[float], fixed: tuple[float, float] | None, pad: float = 0.08) -> tuple[float, float]:
     if fixed is not None:
         return fixed
     lo, hi = min(values), max(values)
     if hi - lo < 1e-9:
         lo, hi = lo - 0.5, hi + 0.5
-    pad = (hi - lo) * 0.08
-    return lo - pad, hi + pad
+    margin = (hi - lo) * pad
+    return lo - margin, hi + margin
 
 
 def render(chart: Chart) -> str:
@@ -62,7 +62,7 @@ def render(chart: Chart) -> str:
     if not points:
         out.append(f'<text class="empty" x="{LEFT + plot_w / 2}" y="{TOP + plot_h / 2}">no data yet</text>')
         return "".join(out) + "</svg>"
-    x0, x1 = _bounds([p[0] for p in points], None)
+    x0, x1 = _bounds([p[0] for p in points], None, pad=0.0)
     y0, y1 = _bounds([p[1] for p in points] + [m[0] for m in chart.marks], chart.y_range)
 
     def sx(x: float) -> float:
