@@ -100,6 +100,11 @@ class KeyRing:
         self._keys = {row.key_hash: Caller(row.id, row.admin) for row in rows}
         self._misses.clear()
 
+    def holds_admin(self, key_id: int) -> bool:
+        """Whether key ``key_id`` is a live admin key as of the last refresh (a console session
+        opened with a key ends when the key is revoked)."""
+        return any(caller.key_id == key_id and caller.admin for caller in self._keys.values())
+
     async def start(self) -> None:
         await asyncio.to_thread(self._load_quietly)
         self._task = asyncio.create_task(self._refresh_forever(), name="distillgate-keyring")

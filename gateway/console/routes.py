@@ -117,7 +117,13 @@ async def _caller(request: Request[Any, Any, Any], sessions: Sessions) -> Caller
         except GatewayError as exc:
             return _refused(exc.status, exc.message)
         return "bearer" if who.admin else _refused(403, "The console needs the admin credential.")
-    return sessions.read(request.cookies.get(COOKIE))
+    session = sessions.read(request.cookies.get(COOKIE))
+    if session is not None and session.subject.startswith("key-"):
+        keys = request.app.state.parts.keys
+        key_id = session.subject.removeprefix("key-")
+        if not key_id.isdigit() or not keys.holds_admin(int(key_id)):
+            return None  # the admin key it was opened with is revoked
+    return session
 
 
 def gatekeeper(sessions: Sessions) -> Any:

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from gateway.auth import create_key, revoke_key
 from gateway.store.models import Stage, Task
 from tests.conftest import ADMIN_KEY, RunningGateway
 
@@ -188,6 +189,20 @@ def test_an_illegal_move_is_shown_on_the_page_not_a_500(running: RunningGateway)
         assert answer.status_code == 409 and "no student to roll back" in answer.text
         missing = client.get("/console/tasks/nope")
         assert missing.status_code == 404 and "No task" in missing.text
+
+
+def test_a_session_opened_with_an_admin_key_ends_when_the_key_is_revoked(running: RunningGateway) -> None:
+    row, secret = create_key(running.db(), "oncall", admin=True)
+    running.gateway.keys.load()
+    with httpx.Client(base_url=running.url) as client:
+        form = client.get("/console/login")
+        answer = client.post("/console/login", data={"csrf": _csrf(form.text), "key": secret})
+        assert answer.status_code == 303
+        assert client.get("/console/tasks").status_code == 200
+        assert revoke_key(running.db(), row.id or 0)
+        running.gateway.keys.load()
+        assert client.get("/console/tasks").status_code == 303
+        assert client.post(f"/console/tasks/{TASK}/act", data={"action": "pause"}).status_code == 401
 
 
 def test_logging_out_ends_the_session(browser_session: httpx.Client) -> None:
