@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from statistics import median
 from typing import Any
 
@@ -17,13 +18,15 @@ from sqlmodel import col, select
 
 from gateway.report import ledger
 from gateway.store.db import Database
-from gateway.store.models import Adapter, Record, ShadowPair, TrainingRun
+from gateway.store.models import Adapter, Record, ShadowPair, TrainingRun, utcnow
 from router.gate import wilson_interval
 from router.promotion import Promoter
 from router.tasks import TaskDetail, TaskRow, task_detail, task_rows
 
-LATENCY_SAMPLE = 2000
-"""Newest answered records per task the p50 latencies are taken over."""
+WINDOW = timedelta(days=7)
+"""Spend, savings and latencies are the last week's (``distillgate report``'s default window)."""
+LATENCY_SAMPLE = 20_000
+"""Most answered records (newest first) the p50 latencies are taken over, all tasks together."""
 PLOT_PAIRS = 400
 """Newest pairs of the current adapter in the agreement plot."""
 AGREEMENT_WINDOW = 20
@@ -42,11 +45,10 @@ class TaskOverview:
     teacher_p50_ms: float | None
     student_p50_ms: float | None
 
-    def sort_key(self, column: str) -> Any:
-        value = getattr(self.row, column, None) if hasattr(self.row, column) else getattr(self, column, None)
-        if column == "stage":
-            value = STAGE_ORDER.get(str(value), 99)
-        return (value is None, value if value is not None else 0, self.row.task)
+    def value(self, column: str) -> Any:
+        """What the column sorts on: stages in the loop's order, the rest as shown."""
+        value = getattr(self.row, column) if hasattr(self.row, column) else getattr(self, column, None)
+        return STAGE_ORDER.get(str(value), 99) if column == "stage" else value
 
 
 STAGE_ORDER = {
@@ -70,9 +72,13 @@ SORTABLE = (
 def _latencies(db: Database, task: str | None) -> dict[str, dict[str, list[float]]]:
     stmt = (
         select(Record.task, Record.target, Record.latency_ms)
-        .where(Record.status == 200, col(Record.cache_hit).is_(False))
+        .where(
+            Record.status == 200,
+            col(Record.cache_hit).is_(False),
+            col(Record.created_at) >= utcnow() - WINDOW,
+        )
         .order_by(col(Record.created_at).desc())
-        .limit(LATENCY_SAMPLE * (1 if task else 20))
+        .limit(LATENCY_SAMPLE)
     )
     if task is not None:
         stmt = stmt.where(Record.task == task)
@@ -95,10 +101,10 @@ def _p50(values: list[float]) -> float | None:
 
 
 def overview(db: Database, task: str | None = None) -> list[TaskOverview]:
-    """Every task (or one) with the ledger's spend and savings and its p50 latencies."""
+    """Every task (or one) with the last week's spend, savings and p50 latencies."""
     rows = [r for r in task_rows(db) if task is None or r.task == task]
     money: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
-    for line in ledger(db, task=task):
+    for line in ledger(db, since=utcnow() - WINDOW, task=task):
         money[line.task][0] += line.spend_usd
         money[line.task][1] += line.savings_usd
     latencies = _latencies(db, task)
@@ -119,8 +125,13 @@ def overview(db: Database, task: str | None = None) -> list[TaskOverview]:
 
 
 def sorted_overview(rows: list[TaskOverview], column: str, descending: bool) -> list[TaskOverview]:
+    """Sorted by ``column`` (by task name when it is not one of ``SORTABLE``), ties by task name;
+    tasks without a number there come last either way."""
     column = column if column in SORTABLE else "task"
-    return sorted(rows, key=lambda r: r.sort_key(column), reverse=descending)
+    by_name = sorted(rows, key=lambda r: r.row.task)
+    known = [r for r in by_name if r.value(column) is not None]
+    missing = [r for r in by_name if r.value(column) is None]
+    return sorted(known, key=lambda r: r.value(column), reverse=descending) + missing
 
 
 def samples_needed(passed: int, n: int, min_samples: int, threshold: float, confidence: float) -> int | None:
@@ -266,8 +277,6 @@ def task_page(db: Database, promoter: Promoter, key: str) -> TaskPage:
     moves = list(reversed(detail.transitions))
     shares: list[tuple[float, float]] = []
     if moves:
-        from datetime import datetime
-
         start = datetime.fromisoformat(moves[0].created_at)
         for move in moves:
             ratio = move.evidence.get("student_ratio")

@@ -180,6 +180,9 @@ def test_tasks_sort_by_any_column(gateway: RunningGateway, admin: httpx.Client) 
     assert order() == ["a-task", "b-task", "c-task"]
     assert order(sort="stage") == ["b-task", "c-task", "a-task"]
     assert order(sort="student_ratio", dir="desc") == ["a-task", "c-task", "b-task"]
+    assert (
+        order(sort="pass_rate", dir="desc") == order(sort="pass_rate") == ["a-task", "b-task", "c-task"]
+    )  # none: last, by name
     assert order(sort="no_such_column") == ["a-task", "b-task", "c-task"]
 
 
