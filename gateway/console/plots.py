@@ -78,6 +78,7 @@ def render(chart: Chart) -> str:
             f'<text class="tick" x="{LEFT - 4}" y="{sy(v) + 3:.1f}" text-anchor="end">{_fmt(v)}</text>'
         )
     for v in (x0, (x0 + x1) / 2, x1):
+        v = round(v) if x1 - x0 >= 10 else v  # pair numbers, steps, seconds: whole ticks read better
         out.append(
             f'<text class="tick" x="{sx(v):.1f}" y="{TOP + plot_h + 13}" text-anchor="middle">{_fmt(v)}</text>'
         )
