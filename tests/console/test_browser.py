@@ -83,6 +83,14 @@ def test_an_engineer_watches_the_loop_and_acts_from_the_console(
     adapter = s.install(agreeing_student)
     traffic = Traffic(s)
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    problems: list[str] = []  # script errors, assets the CSP blocked, failed loads
+    page.on("pageerror", lambda exc: problems.append(str(exc)))
+    page.on("console", lambda msg: problems.append(msg.text) if msg.type == "error" else None)
+    failed: list[tuple[int, str]] = []  # the refused policy edit (422) is the one expected
+    page.on(
+        "response",
+        lambda r: failed.append((r.status, r.url.removeprefix(s.url))) if r.status >= 400 else None,
+    )
     try:
         # Log in: any page leads to the form, the form back to the page.
         page.goto(s.url + "/console/tasks")
@@ -175,5 +183,7 @@ def test_an_engineer_watches_the_loop_and_acts_from_the_console(
     finally:
         traffic.stop()
         page.close()
+    assert failed == [(422, f"/console/tasks/{TASK}/policy")]
+    assert [p for p in problems if not p.startswith("Failed to load resource")] == []
     assert traffic.failures == []
     assert set(traffic.targets) <= {"teacher", f"student:{adapter}"}
