@@ -263,3 +263,33 @@ def test_a_policy_given_in_code_cannot_be_edited(gateway: RunningGateway, admin:
     assert "given in code" in form.text and 'id="policy-form"' not in form.text
     answer = admin.post(f"/console/tasks/{TASK}/policy", data={"section": "distill: false"})
     assert answer.status_code == 422 and "given in code" in answer.text
+
+
+def test_a_forced_transition_takes_its_stage_adapter_step_and_reason(
+    gateway: RunningGateway, admin: httpx.Client
+) -> None:
+    with gateway.db().session() as session:
+        session.add(Task(key=TASK, stage=Stage.collecting))
+        session.add(Adapter(name="extract@v2", task=TASK, version=2, path="/a/v2", base_model="tiny"))
+        session.commit()
+    form = {
+        "action": "transition",
+        "to": "canary",
+        "adapter": "extract@v2",
+        "canary_step": "1",
+        "reason": "skip",
+    }
+    answer = admin.post(f"/console/tasks/{TASK}/act", data=form)
+    assert answer.status_code == 303
+    state = gateway.gateway.tasks.task_states[TASK]  # this replica routes on it at once
+    assert (state.stage, state.canary_step) == (Stage.canary, 1)
+    page = admin.get(f"/console/tasks/{TASK}").text
+    assert (
+        'data-stage="canary"' in page and "forced through the console: skip" in page and "extract@v2" in page
+    )
+    bad = admin.post(f"/console/tasks/{TASK}/act", data={**form, "canary_step": "one"})
+    assert bad.status_code == 400 and "The canary step is a whole number" in bad.text
+    unknown = admin.post(f"/console/tasks/{TASK}/act", data={**form, "adapter": "extract@v9"})
+    assert unknown.status_code == 400 and "No adapter &#39;extract@v9&#39;" in unknown.text
+    nowhere = admin.post(f"/console/tasks/{TASK}/act", data={**form, "to": "orbit"})
+    assert nowhere.status_code == 400 and "Pick a stage" in nowhere.text
