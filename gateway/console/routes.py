@@ -29,7 +29,7 @@ from gateway.console.diff import answer_text, is_json, side_by_side
 from gateway.console.policy_edit import NoPolicyFile, apply_task_section, task_section
 from gateway.console.session import COOKIE, LOGIN_COOKIE, Session, Sessions, login_token
 from gateway.console.views import SORTABLE, overview, sorted_overview, task_page
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, error_bytes
 from gateway.store.db import Database
 from gateway.store.models import Stage
 from gateway.store.queries import RecordSearch, record, search_records
@@ -104,18 +104,25 @@ def _page(
     return Response(html, status_code=status, media_type="text/html", headers=HEADERS, cookies=cookies or [])
 
 
-def _refused(status: int, message: str) -> Response[str]:
-    return Response(message, status_code=status, media_type="text/plain", headers=HEADERS)
+_CODES: Final = {401: "missing_session", 403: "permission_denied"}
 
 
-async def _caller(request: Request[Any, Any, Any], sessions: Sessions) -> Caller | Response[str] | None:
+def _refused(status: int, message: str, code: str | None = None) -> Response[bytes]:
+    """A refused request, shaped as every gateway error is (``{"error": {...}}``)."""
+    body = error_bytes(message, "invalid_request_error", None, code or _CODES.get(status))
+    return Response(body, status_code=status, media_type="application/json", headers=HEADERS)
+
+
+async def _caller(request: Request[Any, Any, Any], sessions: Sessions) -> Caller | Response[bytes] | None:
     header = request.headers.get("authorization")
     if header:
         keys: KeyRing = request.app.state.parts.keys
         try:
             who = await keys.authenticate(header)
         except GatewayError as exc:
-            return _refused(exc.status, exc.message)
+            return Response(
+                exc.to_bytes(), status_code=exc.status, media_type="application/json", headers=HEADERS
+            )
         return "bearer" if who.admin else _refused(403, "The console needs the admin credential.")
     session = sessions.read(request.cookies.get(COOKIE))
     if session is not None and session.subject.startswith("key-"):
@@ -129,7 +136,7 @@ async def _caller(request: Request[Any, Any, Any], sessions: Sessions) -> Caller
 def gatekeeper(sessions: Sessions) -> Any:
     """The console router's ``before_request``: who may see pages and post forms."""
 
-    async def before(request: Request[Any, Any, Any]) -> Response[str] | Redirect | None:
+    async def before(request: Request[Any, Any, Any]) -> Response[bytes] | Redirect | None:
         request.state.console_sessions = sessions
         path = request.url.path
         if path.startswith("/console/static/") or path == "/console/login":
@@ -145,7 +152,11 @@ def gatekeeper(sessions: Sessions) -> Any:
         if request.method == "POST" and isinstance(caller, Session):
             form = await request.form()
             if not sessions.csrf_ok(caller, form.get("csrf")):
-                return _refused(403, "This form has no valid CSRF token; reload the page and try again.")
+                return _refused(
+                    403,
+                    "This form has no valid CSRF token; reload the page and try again.",
+                    "invalid_csrf_token",
+                )
         request.state.console_caller = caller
         return None
 
@@ -174,11 +185,15 @@ async def login_form(request: Request[Any, Any, Any]) -> Response[str]:
 
 
 @post("/login")
-async def login(request: Request[Any, Any, Any]) -> Response[str] | Redirect:
+async def login(request: Request[Any, Any, Any]) -> Response[str] | Response[bytes] | Redirect:
     form = await request.form()
     token = request.cookies.get(LOGIN_COOKIE)
     if not token or form.get("csrf") != token:
-        return _refused(403, "This login form has no valid CSRF token; reload the page and try again.")
+        return _refused(
+            403,
+            "This login form has no valid CSRF token; reload the page and try again.",
+            "invalid_csrf_token",
+        )
     keys: KeyRing = request.app.state.parts.keys
     sessions: Sessions = request.state.console_sessions
     key = str(form.get("key") or "").strip()

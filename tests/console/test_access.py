@@ -86,6 +86,8 @@ def test_every_action_answers_401_without_the_credential(running: RunningGateway
         for path, form in ACTIONS:
             answer = client.post(path, data=form)
             assert answer.status_code == 401, path
+            error = answer.json()["error"]
+            assert error["code"] == "missing_session" and set(error) == {"message", "type", "param", "code"}
     assert stage(running) is Stage.collecting
 
 
@@ -146,7 +148,8 @@ def test_a_forged_form_post_without_the_csrf_token_is_refused(
     running: RunningGateway, browser_session: httpx.Client
 ) -> None:
     for path, form in ACTIONS:
-        assert browser_session.post(path, data=form).status_code == 403, path
+        refused = browser_session.post(path, data=form)
+        assert refused.status_code == 403 and refused.json()["error"]["code"] == "invalid_csrf_token", path
         assert browser_session.post(path, data={**form, "csrf": "forged"}).status_code == 403, path
     assert stage(running) is Stage.collecting
     assert browser_session.get("/console/tasks").status_code == 200  # still logged in
