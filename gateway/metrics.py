@@ -147,6 +147,12 @@ class Metrics:
         self.upstream_errors = Counter(
             p + "upstream_errors", "Failed upstream calls by target and kind.", ["target", "kind"], registry=r
         )
+        self.soft_label_captures = Counter(
+            p + "soft_label_captures",
+            "Teacher answers asked for top-k logprobs on the client's behalf (soft labels).",
+            ["task"],
+            registry=r,
+        )
         self.shadow_dropped = Counter(
             p + "shadow_dropped", "Shadow calls dropped under pressure.", ["task"], registry=r
         )
