@@ -141,7 +141,7 @@ def _records(gw: Any) -> dict[str, Record]:
 def test_captured_soft_labels_are_stored_and_the_client_sees_the_uncaptured_bytes(
     database_url: str, logprob_teacher: ServerThread, tmp_path: Path
 ) -> None:
-    plain_server, plain_gw, plain_key = _gateway(database_url, logprob_teacher, tmp_path, 0.0)
+    plain_server, _plain_gw, plain_key = _gateway(database_url, logprob_teacher, tmp_path, 0.0)
     try:
         plain = _ask(plain_server.url, plain_key, "what is it?")
         plain_stream = _ask(plain_server.url, plain_key, "stream it", stream=True)
@@ -181,7 +181,7 @@ def test_captured_soft_labels_are_stored_and_the_client_sees_the_uncaptured_byte
 def test_the_openai_sdk_reads_a_captured_answer_as_a_plain_one(
     database_url: str, logprob_teacher: ServerThread, tmp_path: Path
 ) -> None:
-    server, gw, key = _gateway(database_url, logprob_teacher, tmp_path, 1.0)
+    server, _gw, key = _gateway(database_url, logprob_teacher, tmp_path, 1.0)
     try:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
         answer = client.chat.completions.create(
