@@ -39,8 +39,14 @@ JSON_INT_RANGE = (-(2**63), 2**64 - 1)
 """What orjson encodes; larger integers are kept as their decimal text."""
 
 _TABLE = Record.__table__  # type: ignore[attr-defined]
+
+
+def _is_text(column_type: Any) -> bool:
+    return isinstance(column_type, String) or isinstance(getattr(column_type, "impl", None), String)
+
+
 TEXT_WIDTHS: dict[str, int | None] = {
-    c.name: c.type.length for c in _TABLE.columns if isinstance(c.type, String) and c.name not in JSON_COLUMNS
+    c.name: c.type.length for c in _TABLE.columns if _is_text(c.type) and c.name not in JSON_COLUMNS
 }
 """Every string column and its width (None: unbounded ``TEXT``, still cleaned of NUL)."""
 INT_COLUMNS = tuple(c.name for c in _TABLE.columns if isinstance(c.type, Integer))
