@@ -280,6 +280,7 @@ class Recorder:
             while self._flushes:
                 markers.append(self._flushes.popleft())
             self._watch_writer()
+            self._probe_spool()
             self._collect(drain=stopping)
             if self._held:
                 self._flushes.extendleft(reversed(markers))  # not done until the held rows are placed
@@ -383,28 +384,30 @@ class Recorder:
     # -- spool ------------------------------------------------------------------------------
     def _spool(self, rows: list[Row]) -> bool:
         """Append ``rows`` to the spool; False (and the state logged once) when it is unwritable."""
-        now = time.monotonic()
         if not self._spool_ok:
-            if now < self._spool_retry_at:
-                return False
-            if not self.spool.writable():
-                self._spool_retry_at = now + self.settings.retry_interval_s
-                return False
+            return False
         try:
             self.spool.append(rows)
         except OSError as exc:
             self._spool_unwritable(exc)
             return False
-        if not self._spool_ok:
-            self._spool_ok = True
-            self.metrics.recorder_spool_writable.set(1)
-            log.info("spool %s is writable again", self.spool.directory)
         if not self._spooling:
             self._spooling = True
             log.warning("database unavailable: spooling records to %s", self.spool.directory)
         self.spooled += len(rows)
         self.metrics.recorder_spooled.inc(len(rows))
         return True
+
+    def _probe_spool(self) -> None:
+        """An unwritable spool is tried again every ``retry_interval_s``, needed or not: readiness
+        follows it back."""
+        if self._spool_ok or time.monotonic() < self._spool_retry_at:
+            return
+        self._spool_retry_at = time.monotonic() + self.settings.retry_interval_s
+        if self.spool.writable():
+            self._spool_ok = True
+            self.metrics.recorder_spool_writable.set(1)
+            log.info("spool %s is writable again", self.spool.directory)
 
     def _spool_unwritable(self, exc: OSError) -> None:
         self._spool_retry_at = time.monotonic() + self.settings.retry_interval_s
