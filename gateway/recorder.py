@@ -82,8 +82,11 @@ class Recorder:
         settings: RecorderSettings,
         metrics: Metrics,
         policy: Callable[[], Policy | None],
+        redact: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
     ) -> None:
         self.db = db
+        self.redact = redact
+        """Applied to each row as soon as it is built, before any write (database, spool)."""
         self.settings = settings
         self.metrics = metrics
         self.policy = policy
@@ -110,7 +113,7 @@ class Recorder:
             return
         # Never block the client: convert and spool right here; rare by construction.
         try:
-            self._spool([self._to_row(exchange)])
+            self._spool([self._row(exchange)])
         except Exception:
             self.metrics.recorder_dropped.inc()
             log.exception("record %s could not be spooled", exchange.id)
@@ -173,10 +176,13 @@ class Recorder:
         rows = []
         for exchange in batch:
             try:
-                rows.append(self._to_row(exchange))
+                rows.append(self._row(exchange))
             except Exception:
                 log.exception("record %s could not be built; stored without its answer", exchange.id)
-                rows.append(self._bare_row(exchange))
+                bare = self._bare_row(exchange)
+                if self.redact is not None:
+                    bare["error"] = "answer could not be recorded"  # it may hold what redaction removes
+                rows.append(bare)
         if self._db_down:
             self._spool(rows)
             return
@@ -211,7 +217,8 @@ class Recorder:
 
     def _insert_ignore(self, table: Any, key: str) -> Any:
         if self.db.dialect == "postgresql":
-            return pg_insert(table).on_conflict_do_nothing(index_elements=[key])
+            # No conflict target: ``record`` is partitioned there, its key ``(id, created_at)``.
+            return pg_insert(table).on_conflict_do_nothing()
         if self.db.dialect == "sqlite":
             return sqlite_insert(table).on_conflict_do_nothing(index_elements=[key])
         return insert(table)
@@ -267,6 +274,10 @@ class Recorder:
         self._db_down = False
 
     # -- conversion -------------------------------------------------------------------------
+    def _row(self, ex: Exchange) -> dict[str, Any]:
+        row = self._to_row(ex)
+        return row if self.redact is None else self.redact(row)
+
     def _to_row(self, ex: Exchange) -> dict[str, Any]:
         response = ex.response
         if response is None and ex.body is not None:
