@@ -182,6 +182,7 @@ class Recorder:
                 bare = self._bare_row(exchange)
                 if self.redact is not None:
                     bare["error"] = "answer could not be recorded"  # it may hold what redaction removes
+                    bare["redacted"] = None  # the batch's rows share their keys
                 rows.append(bare)
         if self._db_down:
             self._spool(rows)

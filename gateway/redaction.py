@@ -166,8 +166,10 @@ class Redactor:
                 self.metrics.redactions.labels(task, kind).inc(n)
 
     def row(self, row: dict[str, Any]) -> dict[str, Any]:
-        """The recorder's hook: a record row with its content redacted and ``redacted`` set."""
+        """The recorder's hook: a record row with its content redacted and ``redacted`` set (on
+        every row, so a batch's rows share their keys: an executemany needs that)."""
         rules = self.rules(str(row.get("task", "")))
+        row.setdefault("redacted", None)
         if rules is None:
             return row
         counts: dict[str, int] = {}

@@ -17,6 +17,7 @@ import httpx
 import openai
 import pytest
 import yaml
+from sqlmodel import select
 
 from demo.teacher import ScriptedTeacher
 from gateway.store.models import Usage, utcnow
@@ -97,7 +98,7 @@ def test_a_key_over_its_budget_gets_429_until_the_period_renews(gateway: Running
     limits = gateway.gateway.limits
     wait_until(lambda: limits.syncs >= 2, 10)
     with gateway.db().session() as session:
-        rows = session.query(Usage).filter(Usage.key_id == key["id"], Usage.window == "day").all()
+        rows = session.exec(select(Usage).where(Usage.key_id == key["id"], Usage.window == "day")).all()
     assert rows and rows[0].spend_usd > 0.000001
 
 
