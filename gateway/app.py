@@ -36,6 +36,7 @@ from gateway.metrics import CONTENT_TYPE, Metrics
 from gateway.pipeline import Pipeline
 from gateway.recorder import Recorder
 from gateway.redaction import Redactor
+from gateway.retention import Pruner
 from gateway.settings import Settings
 from gateway.shedding import Admission, LoopLag
 from gateway.store.db import Database
@@ -68,6 +69,7 @@ class ServingParts:
     scheduler: Scheduler | None
     keys: KeyRing
     limits: Limiter
+    pruner: Pruner
     loop_lag: LoopLag
     admission: Admission
     pipeline: Pipeline
@@ -128,6 +130,7 @@ async def _serving_parts(
     keys = await enter(running(KeyRing(db, admin_key=admin_key, required=settings.auth.required)))
     limits = await enter(running(Limiter(db)))
     recorder.listeners.append(limits.charge_rows)
+    pruner = await enter(running(Pruner(db, policy, settings.retention)))
     loop_lag = await enter(running(LoopLag()))
     admission = await enter(
         Admission(
@@ -165,6 +168,7 @@ async def _serving_parts(
         scheduler=trainer,
         keys=keys,
         limits=limits,
+        pruner=pruner,
         loop_lag=loop_lag,
         admission=admission,
         pipeline=pipeline,

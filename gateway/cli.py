@@ -319,6 +319,48 @@ def db_upgrade(config: ConfigOpt = None) -> None:
     console.print("database is up to date")
 
 
+@db_app.command("prune")
+def db_prune(
+    keep_months: Annotated[
+        int | None, typer.Option(help="Whole months of records kept (default: retention.records_months).")
+    ] = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Apply retention once: clear old bodies per task (policy ``retention.body_days``), drop whole
+    months past ``records_months`` (one partition each on PostgreSQL), create the next months'
+    partitions, delete stale usage counters and expired cache entries."""
+    import msgspec
+
+    from gateway.retention import prune
+    from gateway.store.db import create_database
+    from router.policy import PolicyError, load_policy
+
+    settings = settings_from(config)
+    retention = settings.retention
+    if keep_months is not None:
+        retention = retention.model_copy(update={"records_months": keep_months})
+    try:
+        policy = load_policy(settings.policy_file) if settings.policy_file else None
+    except PolicyError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    result = prune(create_database(settings.database_url), policy, retention)
+    if as_json:
+        print_json(msgspec.to_builtins(result))
+        return
+    if result.skipped:
+        console.print("another replica is pruning; nothing done")
+        return
+    cleared = sum(result.bodies_cleared.values())
+    console.print(
+        f"bodies cleared: {cleared} (held by snapshots: {result.bodies_held}); "
+        f"partitions dropped: {', '.join(result.partitions_dropped) or 'none'}; "
+        f"created: {', '.join(result.partitions_created) or 'none'}; rows deleted: {result.rows_deleted}; "
+        f"usage rows: {result.usage_deleted}; cache entries: {result.cache_deleted}"
+    )
+
+
 @db_app.command("current")
 def db_current(config: ConfigOpt = None) -> None:
     """Show the database's migration revision."""
