@@ -186,6 +186,18 @@ class Metrics:
         self.shed = Counter(
             p + "shed_requests", "Requests refused because the gateway was at capacity.", registry=r
         )
+        self.redactions = Counter(
+            p + "redactions",
+            "Values redacted from stored content, by task and detector.",
+            ["task", "kind"],
+            registry=r,
+        )
+        self.limited = Counter(
+            p + "limited_requests",
+            "Requests refused by a key's controls: requests, tokens, budget or task_not_allowed.",
+            ["reason"],
+            registry=r,
+        )
 
     def child(self, metric: Any, *labels: str) -> Any:
         """``metric.labels(*labels)``, remembered: the lookup is measurable on the hot path."""

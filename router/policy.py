@@ -198,6 +198,49 @@ class ValidatePolicy(_Strict):
     max_concurrency: int = Field(4, ge=1)
 
 
+Detector = Literal["email", "phone", "card", "iban", "ip", "api_key"]
+DETECTORS: tuple[Detector, ...] = ("email", "phone", "card", "iban", "ip", "api_key")
+_PATTERN_NAME = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
+
+
+class RedactPolicy(_Strict):
+    """What is removed from a task's stored records before they reach the database, the spool,
+    the shared cache or a shadow pair (``gateway.redaction``). Clients still get answers as sent."""
+
+    enabled: bool = False
+    detectors: list[Detector] = Field(default_factory=lambda: list(DETECTORS))
+    """Built-in detectors: emails, phone numbers (phonenumbers), card numbers (Luhn), IBANs
+    (checksum), IP addresses, API-key-shaped tokens."""
+    patterns: dict[str, str] = Field(default_factory=dict)
+    """Extra patterns by name (RE2 syntax: linear time, no backreferences), e.g.
+    ``patient_id: "PT-\\d{6}"``; a match is stored as ``[REDACTED:<name>]``."""
+    phone_region: str | None = "US"
+    """Region for phone numbers written without a country code; None: only ``+<country>`` ones."""
+    train_on_redacted: bool = False
+    """Train on records that had something redacted (they lack what the teacher saw)."""
+
+    @field_validator("patterns")
+    @classmethod
+    def _patterns(cls, v: dict[str, str]) -> dict[str, str]:
+        import re2
+
+        for name, pattern in v.items():
+            if not _PATTERN_NAME.match(name):
+                raise ValueError(f"pattern name {name!r}: use lower-case letters, digits and _")
+            try:
+                re2.compile(pattern)
+            except Exception as exc:
+                raise ValueError(f"pattern {name!r} is not a valid RE2 expression: {exc}") from None
+        return v
+
+
+class RetentionPolicy(_Strict):
+    body_days: int | None = Field(None, ge=1)
+    """Days a record keeps its request and answer; after that ``distillgate db prune`` (and the
+    gateway's daily job) clears them unless a dataset snapshot holds the record. The metered row
+    (tokens, cost, latency) stays for the ledger. None keeps bodies."""
+
+
 class TaskPolicy(_Strict):
     """A task's resolved settings (defaults merged with its overrides)."""
 
@@ -212,6 +255,8 @@ class TaskPolicy(_Strict):
     soft_labels: SoftLabelPolicy = Field(default_factory=SoftLabelPolicy)
     validate_answers: ValidatePolicy | None = Field(None, alias="validate")
     """``validate:`` in the file; off when absent."""
+    redact: RedactPolicy = Field(default_factory=RedactPolicy)
+    retention: RetentionPolicy = Field(default_factory=RetentionPolicy)
 
     @field_validator("canary")
     @classmethod
