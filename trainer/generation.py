@@ -166,6 +166,12 @@ class StudentModels:
         """Stop the decode loop; waiting and running requests fail with ``DecodeLoopClosed``."""
         self.loop.close()
 
+    def __enter__(self) -> StudentModels:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
     # -- adapters ----------------------------------------------------------------------------
     def has(self, name: str) -> bool:
         return name == self.base_name or name in self.adapters
