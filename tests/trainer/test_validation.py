@@ -166,11 +166,14 @@ def test_a_student_trained_on_validated_answers_agrees_more_with_the_truth(
     db.create_all()
     records = intent_records("intent", 240)
     wrong = 0
-    for i, record in enumerate(
-        r for r in records if r.response["choices"][0]["message"]["content"] == "sales"
-    ):  # type: ignore[index]
+    sales = [
+        r.response
+        for r in records
+        if r.response and r.response["choices"][0]["message"]["content"] == "sales"
+    ]
+    for i, response in enumerate(sales):
         if i % 5 < 3:
-            record.response["choices"][0]["message"]["content"] = "support"  # type: ignore[index]
+            response["choices"][0]["message"]["content"] = "support"
             wrong += 1
     add_records(db, records)
     counts = AnswerChecker(db, policy_for(server.url)).run("intent")
