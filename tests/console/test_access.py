@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from gateway.auth import create_key, revoke_key
+from gateway.keys import create_key, revoke_key
 from gateway.store.models import Stage, Task
 from tests.conftest import ADMIN_KEY, RunningGateway
 
