@@ -248,24 +248,34 @@ def recent_pairs(
         records = (
             {r.id: r for r in session.exec(select(Record).where(col(Record.id).in_(ids)))} if ids else {}
         )
-    return [
-        PairView(
-            id=pair.id,
-            record_id=pair.record_id,
-            adapter=pair.adapter,
-            kind=pair.kind,
-            stage=pair.stage,
-            scorer=pair.scorer,
-            score=pair.score,
-            passed=pair.passed,
-            error=pair.error,
-            student_latency_ms=pair.student_latency_ms,
-            student_response=pair.student_response,
-            teacher_response=_teacher_answer(records.get(pair.record_id)),
-            created_at=pair.created_at.isoformat(),
-        )
-        for pair in pairs
-    ]
+    return [_pair_view(pair, records.get(pair.record_id)) for pair in pairs]
+
+
+def shadow_pair(db: Database, key: str, pair_id: int) -> PairView | None:
+    """One of the task's pairs, as ``recent_pairs`` shows it; ``None`` when the task has no such pair."""
+    with db.session() as session:
+        pair = session.get(ShadowPair, pair_id)
+        if pair is None or pair.task != key:
+            return None
+        return _pair_view(pair, session.get(Record, pair.record_id))
+
+
+def _pair_view(pair: ShadowPair, record: Record | None) -> PairView:
+    return PairView(
+        id=pair.id,
+        record_id=pair.record_id,
+        adapter=pair.adapter,
+        kind=pair.kind,
+        stage=pair.stage,
+        scorer=pair.scorer,
+        score=pair.score,
+        passed=pair.passed,
+        error=pair.error,
+        student_latency_ms=pair.student_latency_ms,
+        student_response=pair.student_response,
+        teacher_response=_teacher_answer(record),
+        created_at=pair.created_at.isoformat(),
+    )
 
 
 def _teacher_answer(record: Record | None) -> dict[str, Any] | None:
