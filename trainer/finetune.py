@@ -17,8 +17,9 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+from trainer import fast_finetune
 from trainer.base_model import resolve_base_model
 from trainer.collate import (
     IGNORE_INDEX,
@@ -29,6 +30,8 @@ from trainer.collate import (
     pack,
     tokenize_example,
 )
+from trainer.distributed import World, all_sum, from_main, no_sync, process_group, wrap
+from trainer.fast_path import FastPath, make_optimizer, prepare_model
 
 if TYPE_CHECKING:
     import torch
@@ -86,6 +89,9 @@ class FinetuneConfig:
     """``auto`` (CUDA if available, else CPU), ``cpu``, ``cuda``, ``cuda:1`` …"""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about a third more compute."""
+    row_tokens: int | None = None
+    """CUDA LoRA runs (``trainer.fast_finetune``): the width of a packed row, one row per GPU a
+    step; None sizes it from free memory and the data. Unused on the CPU path."""
 
     @classmethod
     def from_policy(cls, train: TrainPolicy, **overrides: Any) -> FinetuneConfig:
@@ -115,6 +121,8 @@ class FinetuneProgress:
     train_loss: float
     eval_loss: float | None
     tokens_per_s: float
+    tokens: int = 0
+    """Record tokens trained on so far (all ranks together)."""
 
 
 ProgressCallback = Callable[[FinetuneProgress], None]
@@ -140,7 +148,12 @@ class FinetuneResult:
     eval_examples: int = 0
     dropped_too_long: int = 0
     sequences: int = 0
-    """Packed training sequences per epoch."""
+    """Packed training sequences per epoch (rows of ``row_tokens`` on the CUDA fast path)."""
+    fast_path: bool = False
+    """Trained through ``trainer.fast_finetune`` (CUDA, LoRA, bf16)."""
+    row_tokens: int = 0
+    world_size: int = 1
+    """Data-parallel ranks (``torchrun``) the run was spread over."""
     tokens: int = 0
     """Tokens that went through forward and backward passes (padding excluded)."""
     trained_tokens: int = 0
@@ -196,14 +209,31 @@ def finetune(
     early stopping. ``progress=True`` draws a rich progress bar; a callable receives a
     ``FinetuneProgress`` after every optimizer step instead.
     """
+
+    config = config or FinetuneConfig()
+    world = World.from_env()
+    device = world.device(pick_device(config.device))
+    with process_group(world, device):
+        return _finetune(base_model, train_examples, eval_examples, out_dir, config, progress, world, device)
+
+
+def _finetune(
+    base_model: str | Path,
+    train_examples: Sequence[Conversation],
+    eval_examples: Sequence[Conversation],
+    out_dir: str | Path,
+    config: FinetuneConfig,
+    progress: bool | ProgressCallback,
+    world: World,
+    device: str,
+) -> FinetuneResult:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    config = config or FinetuneConfig()
     started = time.perf_counter()
     _seed_everything(config.seed)
-    device = pick_device(config.device)
     bf16 = use_bf16(config.precision, device)
+    fast = fast_finetune.applies(config, device, bf16)
     base = resolve_base_model(base_model)
     tokenizer = AutoTokenizer.from_pretrained(base.path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -213,9 +243,6 @@ def finetune(
     if not train_tok:
         raise ValueError("no training example fits max_seq_len (or none was given)")
     random.Random(config.seed).shuffle(train_tok)
-    train_seqs = pack(train_tok, config.max_seq_len, packing=config.packing)
-    eval_seqs = pack(eval_tok, config.max_seq_len, packing=config.packing)
-    collator = Collator(pad_id)
 
     load_dtype = torch.bfloat16 if (bf16 and config.method == "lora") else torch.float32
     model: Any = AutoModelForCausalLM.from_pretrained(base.path, dtype=load_dtype)
@@ -241,10 +268,39 @@ def finetune(
     model.to(device)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
 
+    switches, width = FastPath(), 0
+    if fast:
+        switches = fast_finetune.fast_path(config, device)
+        fast_finetune.raise_compile_limits()
+        model = prepare_model(model, switches)
+        width = fast_finetune.plan_width(
+            model.get_base_model().config,
+            train_tok,
+            config,
+            torch.cuda.mem_get_info(torch.device(device))[0],
+            world.size,
+        )
+    source: _StepSource = (
+        fast_finetune.RowSteps(
+            train_tok, eval_tok, width, pad_id, config.max_seq_len, device, switches, world.size
+        )
+        if fast
+        else _SequenceSteps(
+            pack(train_tok, config.max_seq_len, packing=config.packing),
+            pack(eval_tok, config.max_seq_len, packing=config.packing),
+            Collator(pad_id),
+            config.batch_size,
+            config.gradient_accumulation_steps,
+            device,
+        )
+    )
+    trained = wrap(model, world, device)  # what forward and backward go through (DDP beyond one rank)
+
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
-    micro_per_epoch = math.ceil(len(train_seqs) / config.batch_size)
-    steps_per_epoch = max(1, math.ceil(micro_per_epoch / config.gradient_accumulation_steps))
+    optimizer = make_optimizer(trainable, config.learning_rate, config.weight_decay, switches)
+    data_rng = random.Random(config.seed + 1)
+    first_epoch = source.epoch(data_rng)
+    steps_per_epoch = max(1, math.ceil(len(first_epoch) / source.units_per_step))
     total_steps = max(1, math.ceil(steps_per_epoch * config.epochs))
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
@@ -263,15 +319,17 @@ def finetune(
         train_examples=len(train_tok),
         eval_examples=len(eval_tok),
         dropped_too_long=dropped_train + dropped_eval,
-        sequences=len(train_seqs),
+        sequences=len(first_epoch),
+        fast_path=fast,
+        row_tokens=width,
+        world_size=world.size,
         trainable_parameters=sum(p.numel() for p in trainable),
         total_parameters=sum(p.numel() for p in model.parameters()),
     )
 
     def held_out_loss() -> float | None:
-        if not eval_seqs:
-            return None
-        return evaluate_loss(model, eval_seqs, collator, config.batch_size, device, autocast)
+        # Only rank 0 evaluates (on the model itself, not through DDP); the others follow it.
+        return source.held_out(model, autocast) if world.main else None
 
     result.eval_loss_before = held_out_loss()
     best_loss = result.eval_loss_before
@@ -279,60 +337,49 @@ def finetune(
     bad_evals = 0
     step = 0
     train_time = 0.0
-    reporter = _reporter(progress, total_steps)
-    data_rng = random.Random(config.seed + 1)
+    reporter = _reporter(progress if world.main else False, total_steps)
+    epoch_units: list[Any] | None = first_epoch
 
     with reporter as report:
         while step < total_steps and not result.stopped_early:
-            order = list(range(len(train_seqs)))
-            data_rng.shuffle(order)
-            batches = [
-                [train_seqs[i] for i in order[k : k + config.batch_size]]
-                for k in range(0, len(order), config.batch_size)
-            ]
-            for group in _chunks(batches, config.gradient_accumulation_steps):
+            units = epoch_units if epoch_units is not None else source.epoch(data_rng)
+            epoch_units = None
+            for k in range(0, len(units), source.units_per_step):
                 if step >= total_steps:
                     break
+                group = units[k : k + source.units_per_step]
                 t0 = time.perf_counter()
-                model.train()
-                n_labels = sum(_label_count(seq) for batch in group for seq in batch)
-                loss_sum = 0.0
-                for batch in group:
-                    inputs = {k: v.to(device) for k, v in collator(batch).items()}
-                    with autocast():
-                        logits = model(
-                            input_ids=inputs["input_ids"],
-                            position_ids=inputs["position_ids"],
-                            use_cache=False,
-                        ).logits
-                    summed = token_loss_sum(logits, inputs["labels"])
-                    # Every token weighs the same, whichever micro-batch it sits in.
-                    (summed / max(1, n_labels)).backward()
-                    loss_sum += float(summed.detach())
-                    result.tokens += sum(len(seq) for seq in batch)
+                trained.train()
+                n_labels = sum(source.labelled(u) for u in group)
+                loss_sum = _train_step(trained, source, group, n_labels, world, autocast)
                 if config.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
+                train_loss = float(loss_sum) / max(1, n_labels)
                 train_time += time.perf_counter() - t0
+                result.tokens += sum(source.tokens(u) for u in group)
                 result.trained_tokens += n_labels
-                train_loss = loss_sum / max(1, n_labels)
                 result.train_losses.append((step, train_loss))
 
                 eval_loss = None
-                if eval_seqs and (step % eval_every == 0 or step == total_steps):
-                    eval_loss = held_out_loss()
-                    assert eval_loss is not None
-                    result.eval_losses.append((step, eval_loss))
-                    if best_loss is None or eval_loss < best_loss - config.early_stopping_min_delta:
-                        best_loss, bad_evals = eval_loss, 0
-                        best_state = _trainable_state(model)
-                    else:
-                        bad_evals += 1
-                        if config.early_stopping_patience and bad_evals >= config.early_stopping_patience:
-                            result.stopped_early = True
+                if source.has_eval and (step % eval_every == 0 or step == total_steps):
+                    stop = False
+                    if world.main:
+                        eval_loss = held_out_loss()
+                        assert eval_loss is not None
+                        result.eval_losses.append((step, eval_loss))
+                        if best_loss is None or eval_loss < best_loss - config.early_stopping_min_delta:
+                            best_loss, bad_evals = eval_loss, 0
+                            best_state = _trainable_state(model)
+                        else:
+                            bad_evals += 1
+                            stop = bool(
+                                config.early_stopping_patience and bad_evals >= config.early_stopping_patience
+                            )
+                    result.stopped_early = from_main([float(stop)], world, device)[0] > 0
                 report(
                     FinetuneProgress(
                         step,
@@ -341,6 +388,7 @@ def finetune(
                         train_loss,
                         eval_loss,
                         result.tokens / train_time if train_time else 0.0,
+                        result.tokens,
                     )
                 )
                 if result.stopped_early:
@@ -348,7 +396,9 @@ def finetune(
 
     result.steps = step
     result.train_s = train_time
-    if eval_seqs:
+    if not world.main:
+        return result  # rank 0 keeps the best weights, saves and reports
+    if source.has_eval:
         last = result.eval_losses[-1][1] if result.eval_losses else result.eval_loss_before
         if best_state is not None and best_loss is not None and last is not None and best_loss < last:
             _load_trainable_state(model, best_state)
@@ -369,6 +419,111 @@ def finetune(
         + "\n"
     )
     return result
+
+
+class _StepSource(Protocol):
+    """Where the loop's optimizer steps come from: units (packed sequences, or rows on the CUDA
+    fast path) in epoch order, ``units_per_step`` of them a step (the same on every rank),
+    ``units_per_micro`` a forward pass."""
+
+    @property
+    def units_per_step(self) -> int: ...
+
+    @property
+    def units_per_micro(self) -> int: ...
+
+    @property
+    def has_eval(self) -> bool: ...
+
+    def epoch(self, rng: random.Random) -> list[Any]: ...
+
+    def loss_sum(self, model: Any, units: Sequence[Any]) -> torch.Tensor: ...
+
+    def labelled(self, unit: Any) -> int: ...
+
+    def tokens(self, unit: Any) -> int: ...
+
+    def held_out(self, model: Any, autocast: Callable[[], Any]) -> float | None: ...
+
+
+@dataclass
+class _SequenceSteps:
+    """The CPU path's steps: packed sequences (``trainer.collate``), ``batch_size`` a forward
+    pass, ``gradient_accumulation_steps`` passes a step."""
+
+    train: list[PackedSequence]
+    eval: list[PackedSequence]
+    collator: Collator
+    batch_size: int
+    accumulation: int
+    device: str
+
+    @property
+    def units_per_step(self) -> int:
+        return self.batch_size * max(1, self.accumulation)
+
+    @property
+    def units_per_micro(self) -> int:
+        return self.batch_size
+
+    @property
+    def has_eval(self) -> bool:
+        return bool(self.eval)
+
+    def epoch(self, rng: random.Random) -> list[PackedSequence]:
+        order = list(range(len(self.train)))
+        rng.shuffle(order)
+        return [self.train[i] for i in order]
+
+    def loss_sum(self, model: Any, units: Sequence[PackedSequence]) -> torch.Tensor:
+        inputs = {k: v.to(self.device) for k, v in self.collator(list(units)).items()}
+        logits = model(
+            input_ids=inputs["input_ids"], position_ids=inputs["position_ids"], use_cache=False
+        ).logits
+        return token_loss_sum(logits, inputs["labels"])
+
+    @staticmethod
+    def labelled(unit: PackedSequence) -> int:
+        return _label_count(unit)
+
+    @staticmethod
+    def tokens(unit: PackedSequence) -> int:
+        return len(unit)
+
+    def held_out(self, model: Any, autocast: Callable[[], Any]) -> float | None:
+        if not self.eval:
+            return None
+        return evaluate_loss(model, self.eval, self.collator, self.batch_size, self.device, autocast)
+
+
+def _train_step(
+    model: Any,
+    source: _StepSource,
+    group: Sequence[Any],
+    n_labels: int,
+    world: World,
+    autocast: Callable[[], Any],
+) -> torch.Tensor:
+    """Forward and backward over this rank's share of one step; returns the step's summed loss
+    over all ranks. Every labelled token weighs the same whichever pass or rank holds it: DDP
+    averages gradients over ranks, so each rank's sum is scaled by the world size to undo that."""
+
+    mine = world.shard(group)
+    weight = 1.0
+    if not mine:  # fewer units than ranks: a pass that counts nothing keeps DDP's collectives paired
+        mine, weight = list(group[:1]), 0.0
+    passes = [mine[k : k + source.units_per_micro] for k in range(0, len(mine), source.units_per_micro)]
+    scale = weight * world.size / max(1, n_labels)
+    total: torch.Tensor | None = None
+    for j, units in enumerate(passes):
+        with no_sync(model, last=j == len(passes) - 1):
+            with autocast():
+                summed = source.loss_sum(model, units)
+            (summed * scale).backward()
+        part = summed.detach().float() * weight
+        total = part if total is None else total + part
+    assert total is not None
+    return all_sum(total, world)
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
