@@ -61,10 +61,15 @@ class World:
         """The rank that evaluates, saves and reports."""
         return self.rank == 0
 
-    def device(self, device: str) -> str:
-        """Each rank on its own GPU (``cuda`` becomes ``cuda:LOCAL_RANK``)."""
+    def device(self, device: str, gpus: int | None = None) -> str:
+        """Each rank on its own GPU (``cuda`` becomes ``cuda:LOCAL_RANK``). More ranks than GPUs
+        share them in turn: only gloo allows that (tests of the DDP path on one GPU)."""
         if self.distributed and device == "cuda":
-            return f"cuda:{self.local_rank}"
+            if gpus is None:
+                import torch
+
+                gpus = torch.cuda.device_count()
+            return f"cuda:{self.local_rank % max(1, gpus)}"
         return device
 
     def shard(self, items: Sequence[T]) -> list[T]:

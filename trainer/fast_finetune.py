@@ -6,7 +6,7 @@ large and of one shape (docs/gpu-training.md measured 0.7-1.3x the plain loop fo
 path's small packed batches, 9.6x for rows of 16k-64k tokens). ``RowSteps`` lays each epoch's
 shuffled records into rows (``trainer.token_budget``) whose width is sized from the GPU's free
 memory and the data, so a small dataset still gets several optimizer steps an epoch; a step is
-one row per rank. Everything else (learning-rate schedule, clipping, evaluation, early stopping,
+``gradient_accumulation_steps`` rows, at least one per rank. Everything else (learning-rate schedule, clipping, evaluation, early stopping,
 saving) is ``trainer.finetune``'s own loop.
 """
 
@@ -93,11 +93,17 @@ class RowSteps:
     max_len: int
     device: str
     fast: FastPath
-    ranks: int = 1
+    rows_per_step: int = 1
+    """Over all ranks: ``gradient_accumulation_steps``, at least one row per rank (a multiple of
+    the world size), so the same config makes the same optimizer steps at any world size."""
+
+    @classmethod
+    def rows_for(cls, accumulation: int, ranks: int) -> int:
+        return _ceil_to(max(ranks, accumulation, 1), ranks)
 
     @property
     def units_per_step(self) -> int:
-        return self.ranks
+        return self.rows_per_step
 
     @property
     def units_per_micro(self) -> int:
@@ -112,10 +118,7 @@ class RowSteps:
         rank: the order comes from the shared seed)."""
         order = list(self.train)
         rng.shuffle(order)
-        rows = pack_rows(order, self.width, self.pad_id, max_len=self.max_len, pin_memory=True)
-        # Every rank takes one row of each step: the last step of an epoch is only kept whole.
-        usable = len(rows) - len(rows) % self.ranks if len(rows) >= self.ranks else len(rows)
-        return rows[:usable]
+        return pack_rows(order, self.width, self.pad_id, max_len=self.max_len, pin_memory=True)
 
     def loss_sum(self, model: Any, rows: Sequence[Row]) -> torch.Tensor:
         total: torch.Tensor | None = None

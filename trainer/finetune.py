@@ -39,6 +39,10 @@ if TYPE_CHECKING:
     from router.policy import TrainPolicy
 
 
+WARMUP_STEPS = 2
+"""Steps left out of ``FinetuneResult.steady_tokens_per_s``: compilation and first-use costs."""
+
+
 @dataclass
 class FinetuneConfig:
     """Hyper-parameters of one fine-tuning run (the policy's ``train`` section supplies most)."""
@@ -68,7 +72,8 @@ class FinetuneConfig:
     batch_size: int = 8
     """Packed sequences per forward/backward pass."""
     gradient_accumulation_steps: int = 1
-    """Micro-batches summed into one optimizer step (effective batch = batch_size * this)."""
+    """Micro-batches summed into one optimizer step (effective batch = batch_size * this); on the
+    CUDA fast path, rows per step over all ranks (at least one per rank)."""
     max_seq_len: int = 1024
     """Longest packed sequence in tokens; longer examples are dropped (and counted), never cut."""
     packing: bool = True
@@ -90,8 +95,8 @@ class FinetuneConfig:
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about a third more compute."""
     row_tokens: int | None = None
-    """CUDA LoRA runs (``trainer.fast_finetune``): the width of a packed row, one row per GPU a
-    step; None sizes it from free memory and the data. Unused on the CPU path."""
+    """CUDA LoRA runs (``trainer.fast_finetune``): the width of a packed row; None sizes it from
+    free memory and the data. Unused on the CPU path."""
 
     @classmethod
     def from_policy(cls, train: TrainPolicy, **overrides: Any) -> FinetuneConfig:
@@ -159,6 +164,9 @@ class FinetuneResult:
     trained_tokens: int = 0
     """Tokens that carried loss (assistant tokens), summed over epochs."""
     train_s: float = 0.0
+    warmup_s: float = 0.0
+    """Of ``train_s``, the first ``WARMUP_STEPS`` steps (compilation on the CUDA fast path)."""
+    warmup_tokens: int = 0
     wall_s: float = 0.0
     trainable_parameters: int = 0
     total_parameters: int = 0
@@ -167,10 +175,19 @@ class FinetuneResult:
     def tokens_per_s(self) -> float:
         return self.tokens / self.train_s if self.train_s > 0 else 0.0
 
+    @property
+    def steady_tokens_per_s(self) -> float:
+        """Tokens per second after the first ``WARMUP_STEPS`` steps (all of them if no more ran)."""
+        seconds = self.train_s - self.warmup_s
+        if self.steps <= WARMUP_STEPS or seconds <= 0:
+            return self.tokens_per_s
+        return (self.tokens - self.warmup_tokens) / seconds
+
     def metrics(self) -> dict[str, Any]:
         data = asdict(self)
         del data["out_dir"]  # the registry records where the files end up
         data["tokens_per_s"] = round(self.tokens_per_s, 1)
+        data["steady_tokens_per_s"] = round(self.steady_tokens_per_s, 1)
         data["train_losses"] = [[s, round(v, 5)] for s, v in self.train_losses]
         data["eval_losses"] = [[s, round(v, 5)] for s, v in self.eval_losses]
         return data
@@ -282,7 +299,14 @@ def _finetune(
         )
     source: _StepSource = (
         fast_finetune.RowSteps(
-            train_tok, eval_tok, width, pad_id, config.max_seq_len, device, switches, world.size
+            train_tok,
+            eval_tok,
+            width,
+            pad_id,
+            config.max_seq_len,
+            device,
+            switches,
+            fast_finetune.RowSteps.rows_for(config.gradient_accumulation_steps, world.size),
         )
         if fast
         else _SequenceSteps(
@@ -363,6 +387,8 @@ def _finetune(
                 result.tokens += sum(source.tokens(u) for u in group)
                 result.trained_tokens += n_labels
                 result.train_losses.append((step, train_loss))
+                if step == WARMUP_STEPS:
+                    result.warmup_s, result.warmup_tokens = train_time, result.tokens
 
                 eval_loss = None
                 if source.has_eval and (step % eval_every == 0 or step == total_steps):

@@ -106,7 +106,8 @@ def test_ranks_share_each_step_exactly_once() -> None:
         shards = [World(rank, size, rank).shard(items) for rank in range(size)]
         assert sorted(x for shard in shards for x in shard) == items
         assert max(map(len, shards)) - min(map(len, shards)) <= 1
-    assert World(1, 2, 1).device("cuda") == "cuda:1" and World().device("cuda") == "cuda"
+    assert World(1, 2, 1).device("cuda", gpus=2) == "cuda:1" and World().device("cuda") == "cuda"
+    assert World(3, 4, 3).device("cuda", gpus=2) == "cuda:1" and World(1, 2, 1).device("cpu") == "cpu"
 
 
 def test_a_failing_job_raises_its_error_here(tiny_model: Path, tmp_path: Path) -> None:
