@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows-per-step", type=int, help="rows per optimizer step (default: largest --gpus)")
     parser.add_argument("--row-tokens", type=int, help="row width (default: the model's in train_throughput)")
     parser.add_argument("--batch-size", type=int, default=2, help="CPU path: sequences per pass")
+    parser.add_argument("--holdout", type=int, default=8, help="records held out: rank 0 evaluates them")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="directory for scaling.json")
@@ -80,6 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     records = make_records(tokenizer, args.records, args.median, 0.75, args.max_len, args.seed)
     examples = tokenize_all(tokenizer, records, args.max_len)
+    holdout, train = records[: args.holdout], records[args.holdout :]
     rows_per_step = args.rows_per_step or max(sizes)
     dtype = torch.bfloat16 if cuda else torch.float32
     setup = Setup(args.model, arch, examples, records, tokenizer, pad_id, "meta", dtype, args, None)
@@ -103,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
             max_seq_len=args.max_len,
             max_steps=args.steps,
             epochs=1000.0,
-            eval_every=10**9,
+            eval_every=max(1, args.steps // 2),
             early_stopping_patience=0,
             device="cuda" if cuda else "cpu",
             seed=args.seed,
@@ -118,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
             t0 = time.perf_counter()
             try:
                 result = Torchrun(n).call(
-                    finetune, model_dir, records, [], Path(tmp) / f"adapter-{n}", config
+                    finetune, model_dir, train, holdout, Path(tmp) / f"adapter-{n}", config
                 )
             except Exception as exc:
                 row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
@@ -137,6 +139,7 @@ def main(argv: list[str] | None = None) -> None:
                 "first_s": result.warmup_s,
                 "job_s": time.perf_counter() - t0,
                 "losses": [loss for _, loss in result.train_losses],
+                "eval_losses": [loss for _, loss in result.eval_losses],
             }
             rows.append(row)
             print(
@@ -151,6 +154,9 @@ def main(argv: list[str] | None = None) -> None:
         k = min(len(r["losses"]), len(base["losses"]))
         r["max_loss_delta"] = max(
             abs(a - b) for a, b in zip(r["losses"][:k], base["losses"][:k], strict=True)
+        )
+        r["eval_loss_delta"] = max(
+            (abs(a - b) for a, b in zip(r["eval_losses"], base["eval_losses"], strict=False)), default=None
         )
     info = {
         "model": args.model,
@@ -182,6 +188,7 @@ def print_table(info: dict[str, Any], rows: list[dict[str, Any]]) -> None:
         "MFU",
         "first s",
         "max |Δ loss|",
+        "held-out |Δ|",
         "note",
     )
     for column in columns:
@@ -199,6 +206,7 @@ def print_table(info: dict[str, Any], rows: list[dict[str, Any]]) -> None:
             f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-",
             f"{r['first_s']:.1f}",
             f"{r['max_loss_delta']:.1e}" if r.get("max_loss_delta") is not None else "-",
+            f"{r['eval_loss_delta']:.1e}" if r.get("eval_loss_delta") is not None else "-",
             "",
         )
     Console(width=160).print(table)
