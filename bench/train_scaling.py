@@ -29,8 +29,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench.train_throughput import (
+from train_throughput import (
     ARCHITECTURES,
     LORA_ALPHA,
     LORA_RANK,
@@ -41,6 +42,7 @@ from bench.train_throughput import (
     peak_flops,
     tokenize_all,
 )
+
 from trainer.distributed import BACKEND_ENV, Torchrun
 from trainer.finetune import FinetuneConfig, finetune
 
@@ -60,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--rows-per-step", type=int, help="rows per optimizer step (default: largest --gpus)")
     parser.add_argument("--row-tokens", type=int, help="row width (default: the model's in train_throughput)")
-    parser.add_argument("--batch-size", type=int, default=2, help="CPU path: sequences per pass")
+    parser.add_argument("--batch-tokens", type=int, default=512, help="CPU path: tokens per pass")
     parser.add_argument("--holdout", type=int, default=8, help="records held out: rank 0 evaluates them")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
@@ -100,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
             lora_alpha=LORA_ALPHA,
             lora_dropout=0.0,  # masks are drawn per rank: with dropout the curves differ by design
             learning_rate=args.lr,
-            batch_size=args.batch_size,
+            batch_tokens=args.batch_tokens,
             gradient_accumulation_steps=rows_per_step,
             max_seq_len=args.max_len,
             max_steps=args.steps,

@@ -100,21 +100,28 @@ def process_group(world: World, device: str) -> Iterator[None]:
         dist.destroy_process_group()
 
 
-def wrap(model: Any, world: World, device: str) -> Any:
-    """The model DDP trains (the model itself at world size 1)."""
-    if not world.distributed:
-        return model
-    from torch.nn.parallel import DistributedDataParallel
+def data_parallel(model: Any, loss: Callable[[Any, Any], torch.Tensor], world: World) -> Any:
+    """A module whose ``forward(unit)`` is ``loss(model, unit)``, in DDP beyond one rank.
 
-    ids = [torch_device_index(device)] if device.startswith("cuda") else None
-    return DistributedDataParallel(model, device_ids=ids)
-
-
-def torch_device_index(device: str) -> int:
+    DDP all-reduces only what went through its own forward, and the losses reach past the
+    model's forward (the decoder's hidden states, the head in chunks): so DDP wraps the loss.
+    The unit moves to the device inside ``loss`` (no device ids: DDP leaves inputs alone)."""
     import torch
 
-    index = torch.device(device).index
-    return 0 if index is None else index
+    class StepLoss(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, unit: Any) -> torch.Tensor:
+            return loss(self.model, unit)
+
+    module = StepLoss()
+    if not world.distributed:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(module, device_ids=None)
 
 
 def no_sync(model: Any, last: bool) -> Any:

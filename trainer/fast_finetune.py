@@ -94,20 +94,13 @@ class RowSteps:
     device: str
     fast: FastPath
     rows_per_step: int = 1
-    """Over all ranks: ``gradient_accumulation_steps``, at least one row per rank (a multiple of
-    the world size), so the same config makes the same optimizer steps at any world size."""
-
-    @classmethod
-    def rows_for(cls, accumulation: int, ranks: int) -> int:
-        return _ceil_to(max(ranks, accumulation, 1), ranks)
+    """Over all ranks: ``gradient_accumulation_steps``, at least one row per rank."""
+    sequences: int = 0
+    """Rows in the last epoch laid out."""
 
     @property
     def units_per_step(self) -> int:
         return self.rows_per_step
-
-    @property
-    def units_per_micro(self) -> int:
-        return 1
 
     @property
     def has_eval(self) -> bool:
@@ -118,15 +111,12 @@ class RowSteps:
         rank: the order comes from the shared seed)."""
         order = list(self.train)
         rng.shuffle(order)
-        return pack_rows(order, self.width, self.pad_id, max_len=self.max_len, pin_memory=True)
+        rows = pack_rows(order, self.width, self.pad_id, max_len=self.max_len, pin_memory=True)
+        self.sequences = len(rows)
+        return rows
 
-    def loss_sum(self, model: Any, rows: Sequence[Row]) -> torch.Tensor:
-        total: torch.Tensor | None = None
-        for row in rows:
-            summed = row_loss_sum(model, row.to(self.device), self.fast)
-            total = summed if total is None else total + summed
-        assert total is not None
-        return total
+    def loss_sum(self, model: Any, row: Row) -> torch.Tensor:
+        return row_loss_sum(model, row.to(self.device), self.fast)
 
     @staticmethod
     def labelled(row: Row) -> int:
