@@ -11,11 +11,8 @@ on ``Recorder`` and counted; nothing is dropped silently.
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import threading
 import time
-import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,7 +22,6 @@ from typing import Any
 
 import orjson
 from sqlalchemy import JSON, insert
-from sqlalchemy import event as sqlalchemy_event
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
@@ -125,7 +121,6 @@ class Recorder:
         """Applied to each row right after it is built, before anything writes it (DB, spool, quarantine)."""
         self.spool = Spool(settings.spool_dir)
         self._store = db
-        self._connections: weakref.WeakSet[Any] = weakref.WeakSet()
         self._pending: deque[Exchange] = deque()
         self._flushes: deque[_Flush] = deque()
         self._held: deque[list[Row]] = deque()
@@ -195,7 +190,6 @@ class Recorder:
                 connect_timeout_s=self.settings.stall_s,
                 statement_timeout_s=self.settings.stall_s,
             )
-            sqlalchemy_event.listen(self._store.engine, "connect", self._on_connect)
         self._stopping = False
         self._next_spool_look = 0.0
         for name, loop in (("collector", self._collect_loop), ("writer", self._write_loop)):
@@ -347,22 +341,13 @@ class Recorder:
         if since is None or time.monotonic() - since <= self.settings.stall_s or self._cut_at == since:
             return
         self._cut_at = since
-        log.warning(
-            "database write stalled for over %.1f s: its connection is cut, records go to the spool",
-            self.settings.stall_s,
-        )
-        for connection in list(self._connections):
-            try:
-                sock = socket.socket(fileno=os.dup(connection.fileno()))
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                finally:
-                    sock.close()
-            except Exception:  # closed meanwhile, or not a socket
-                continue
-
-    def _on_connect(self, dbapi_connection: Any, _record: Any) -> None:
-        self._connections.add(dbapi_connection)
+        if self._db_up:
+            log.warning(
+                "database write stalled for over %.1f s: its connection is cut, records go to the spool",
+                self.settings.stall_s,
+            )
+            self._db_up = False  # one line for the change: the writer's error that follows is expected
+        self._store.cut_connections()
 
     def _row(self, ex: Exchange) -> Row | None:
         """The storable, redacted row of an exchange; None when redaction failed (counted)."""
