@@ -353,8 +353,14 @@ class Recorder:
         """The storable, redacted row of an exchange; None when redaction failed (counted)."""
         try:
             row = self._to_row(ex)
-        except Exception:
-            log.exception("record %s could not be built; stored without its answer", ex.id)
+        except Exception as exc:
+            # An answer of a shape nobody expected (a teacher's bug): one line, the traceback at DEBUG.
+            log.warning(
+                "record %s: its answer could not be read (%s); stored without it",
+                ex.id,
+                type(exc).__name__,
+                exc_info=log.isEnabledFor(logging.DEBUG),
+            )
             row = _bare_row(ex, "answer could not be parsed")
         if self.redact is not None:
             try:
