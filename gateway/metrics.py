@@ -174,11 +174,29 @@ class Metrics:
         self.upstream_errors = Counter(
             p + "upstream_errors", "Failed upstream calls by target and kind.", ["target", "kind"], registry=r
         )
+        self.soft_label_captures = Counter(
+            p + "soft_label_captures",
+            "Teacher answers asked for top-k logprobs on the client's behalf (soft labels).",
+            ["task"],
+            registry=r,
+        )
         self.shadow_dropped = Counter(
             p + "shadow_dropped", "Shadow calls dropped under pressure.", ["task"], registry=r
         )
         self.shed = Counter(
             p + "shed_requests", "Requests refused because the gateway was at capacity.", registry=r
+        )
+        self.redactions = Counter(
+            p + "redactions",
+            "Values redacted from stored content, by task and detector.",
+            ["task", "kind"],
+            registry=r,
+        )
+        self.limited = Counter(
+            p + "limited_requests",
+            "Requests refused by a key's controls: requests, tokens, budget or task_not_allowed.",
+            ["reason"],
+            registry=r,
         )
 
     def child(self, metric: Any, *labels: str) -> Any:

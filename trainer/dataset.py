@@ -31,6 +31,7 @@ NEGATIVE_LABELS = frozenset({"bad", "negative", "wrong", "thumbs_down"})
 FILTERS = (
     "status",
     "opted_out",
+    "redacted",
     "not_teacher",
     "finish_reason",
     "negative_feedback",
@@ -52,6 +53,9 @@ class DatasetOptions:
     """Drop exchanges whose prompt was longer than this (as the teacher counted tokens)."""
     max_completion_tokens: int | None = None
     """Drop exchanges whose answer was longer than this (as the teacher counted tokens)."""
+    train_on_redacted: bool = False
+    """Keep records redaction changed (the policy's ``redact.train_on_redacted``): by default
+    they are left out, since the teacher saw what the stored copy lacks."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.holdout < 1.0:
@@ -146,6 +150,8 @@ def rejection(record: Record, options: DatasetOptions) -> str | None:
         return "status"
     if not record.stored:
         return "opted_out"
+    if record.redacted and not options.train_on_redacted:
+        return "redacted"
     if record.target != "teacher" or record.cache_hit:
         return "not_teacher"
     if record.finish_reason not in USABLE_FINISH_REASONS:
