@@ -300,9 +300,10 @@ class Recorder:
 
     def _collect(self, *, drain: bool, writer_gone: bool = False) -> None:
         while self._returned:
-            batch = self._returned.popleft()
+            batch = self._returned[0]  # in ``_returned`` or ``_held`` at every moment (flush reads both)
             self._held.append(batch)
             self._held_rows += len(batch)
+            self._returned.popleft()
         while self._held or self._pending or self._taking:
             if self._held:
                 batch = self._held[0]
@@ -436,7 +437,11 @@ class Recorder:
                 self._finish_replay()
                 return
             if isinstance(item, _Flush):
-                item.done.set()
+                if self._returned or self._held:  # rows given back, not stored yet: placed first
+                    self._flushes.append(item)
+                    self._wake.set()
+                else:
+                    item.done.set()
                 continue
             self._taken_rows += len(item)
             self._writing = item
