@@ -174,6 +174,12 @@ class Metrics:
         self.upstream_errors = Counter(
             p + "upstream_errors", "Failed upstream calls by target and kind.", ["target", "kind"], registry=r
         )
+        self.answer_checks = Counter(
+            p + "answer_checks",
+            "Teacher answers checked by a second model before training, by verdict (passed, failed, unscored, error).",
+            ["task", "verdict"],
+            registry=r,
+        )
         self.soft_label_captures = Counter(
             p + "soft_label_captures",
             "Teacher answers asked for top-k logprobs on the client's behalf (soft labels).",
