@@ -622,10 +622,20 @@ class DecodeLoop:
                         room -= request.params.n
                         admit.append(request)
                 with self.models.lock:
+                    # Nothing a request brings may end the loop: whatever escapes a prefill or
+                    # a step fails the requests it touched, and the loop goes on.
                     for request in admit:
-                        self._prefill(request)
+                        try:
+                            self._prefill(request)
+                        except Exception as exc:
+                            self._fail(request, exc)
                     for batch in list(self._batches):
-                        self._step(batch)
+                        try:
+                            self._step(batch)
+                        except Exception as exc:
+                            for seq in batch.seqs:
+                                self._fail(seq.request, exc)
+                            batch.seqs, batch.cache, batch.mask = [], None, None
                     self._batches = [b for b in self._batches if b.seqs]
         closed = DecodeLoopClosed("the student models were closed")
         for batch in self._batches:
