@@ -102,6 +102,18 @@ class Counter:
 
 
 @dataclass(slots=True)
+class _Scope:
+    """One set of limits that holds a (key, task): the key's own (``name`` ``""``) or the task's."""
+
+    name: str
+    rpm: int | None
+    tpm: int | None
+    budget: float | None
+    minute: Counter
+    period: Counter | None
+
+
+@dataclass(slots=True)
 class _Delta:
     key_id: int
     task: str
@@ -122,13 +134,18 @@ class Limiter:
         self._leftover: list[_Delta] = []
         """Counts of windows that ended before they were synced."""
         self._limited: set[int] = set()
+        self._plans: dict[tuple[int, str], tuple[KeyLimits, tuple[_Scope, ...]]] = {}
+        self._periods: dict[str, tuple[float, float]] = {}
         self._task: asyncio.Task[None] | None = None
         self.syncs = 0
 
     # -- the request path ------------------------------------------------------------------
     def admit(self, caller: Caller, task: str) -> dict[str, str] | None:
         """Let ``caller`` call ``task`` now, or raise: 403 outside its allow-list, 429 over a
-        limit. Returns the ``x-ratelimit-*`` headers of its limits (None for a key without any)."""
+        limit. Returns the ``x-ratelimit-*`` headers of its limits (None for a key without any).
+
+        O(1) and lock-free: the scopes that apply to (key, task) are worked out once per key
+        version (``_plan``), and the counters are plain floats this event loop alone changes."""
         if caller.tasks is not None and task not in caller.tasks:
             raise PermissionDenied(f"This API key may not call the task '{task}'.", code="task_not_allowed")
         limits = caller.limits
@@ -136,80 +153,90 @@ class Limiter:
             return None
         if self._charges:
             self._take_charges()
-        key_id = caller.key_id
-        self._limited.add(key_id)
+        plan = self._plans.get((caller.key_id, task))
+        if plan is None or plan[0] is not limits:
+            plan = self._plan(caller.key_id, task, limits)
         now = time.time()
-        per_task = limits.tasks.get(task)
-        scopes: list[tuple[str, int | None, int | None, float | None]] = [
-            (KEY_SCOPE, limits.rpm, limits.tpm, limits.budget_usd)
-        ]
-        if per_task is not None:
-            scopes.append((task, per_task.rpm, per_task.tpm, per_task.budget_usd))
+        minute_start = now - now % 60.0
+        elapsed = now - minute_start
+        weight = 1.0 - elapsed / 60.0
+        reset = 60.0 - elapsed
         headers: dict[str, str] | None = None
-        minutes = []
-        for scope, rpm, tpm, budget in scopes:
-            if rpm is None and tpm is None and budget is None:
-                continue
-            minute = self._counter(key_id, scope, MINUTE, now - now % 60.0)
-            elapsed = now - minute.start
-            weight = 1.0 - elapsed / 60.0
-            reset = 60.0 - elapsed
+        for scope in plan[1]:
+            minute = scope.minute
+            if minute.start != minute_start:
+                self._roll(caller.key_id, scope.name, MINUTE, minute, minute_start)
+            rpm, tpm = scope.rpm, scope.tpm
             if rpm is not None:
                 used = minute.used(0) + minute.prev[0] * weight
                 if used + 1 > rpm:
                     wait = _wait(used + 1 - rpm, minute.prev[0], reset)
+                    what = f"requests per min (RPM): Limit {rpm}, Used {int(used)}, Requested 1"
                     raise self._limited_error(
-                        "requests",
-                        "rate_limit_exceeded",
-                        scope,
-                        f"requests per min (RPM): Limit {rpm}, Used {int(used)}, Requested 1",
-                        wait,
-                        rpm,
-                        tpm,
-                        minute,
-                        weight,
-                        reset,
+                        "requests", scope.name, what, wait, rpm, tpm, minute, weight, reset
                     )
             if tpm is not None:
                 used_tokens = minute.used(1) + minute.prev[1] * weight
                 if used_tokens >= tpm:
                     wait = _wait(used_tokens - tpm + 1, minute.prev[1], reset)
+                    what = f"tokens per min (TPM): Limit {tpm}, Used {int(used_tokens)}"
                     raise self._limited_error(
-                        "tokens",
-                        "rate_limit_exceeded",
-                        scope,
-                        f"tokens per min (TPM): Limit {tpm}, Used {int(used_tokens)}",
-                        wait,
-                        rpm,
-                        tpm,
-                        minute,
-                        weight,
-                        reset,
+                        "tokens", scope.name, what, wait, rpm, tpm, minute, weight, reset
                     )
-            if budget is not None:
-                start = period_start(limits.budget_period, now)
-                spent = self._counter(key_id, scope, limits.budget_period, start)
-                if spent.used(2) >= budget:
-                    wait = period_end(limits.budget_period, start) - now
+            spent = scope.period
+            if spent is not None and scope.budget is not None:
+                start, end = self._bounds(limits.budget_period, now)
+                if spent.start != start:
+                    self._roll(caller.key_id, scope.name, limits.budget_period, spent, start)
+                if spent.used(2) >= scope.budget:
                     raise RateLimited(
-                        f"This API key has used its budget of ${budget:g} for this {limits.budget_period}"
-                        + (f" on the task '{scope}'" if scope else "")
+                        f"This API key has used its budget of ${scope.budget:g} for this {limits.budget_period}"
+                        + (f" on the task '{scope.name}'" if scope.name else "")
                         + ". It renews at the start of the next one.",
                         kind="insufficient_quota",
                         code="insufficient_quota",
-                        headers={"retry-after": str(max(1, int(wait + 0.999)))},
+                        headers={"retry-after": str(max(1, int(end - now + 0.999)))},
                     )
-            minutes.append(minute)
             if headers is None and (rpm is not None or tpm is not None):
                 headers = _headers(rpm, tpm, minute, weight, reset, taking=1)
-        for minute in minutes:
-            minute.unsynced[0] += 1.0
+        for scope in plan[1]:
+            scope.minute.unsynced[0] += 1.0
         return headers
+
+    def _plan(self, key_id: int, task: str, limits: KeyLimits) -> tuple[KeyLimits, tuple[_Scope, ...]]:
+        """The scopes that hold (key, task): the key's own limits, then the task's; their counters."""
+        self._limited.add(key_id)
+        scopes = []
+        for name, rpm, tpm, budget in (
+            (KEY_SCOPE, limits.rpm, limits.tpm, limits.budget_usd),
+            *((task, t.rpm, t.tpm, t.budget_usd) for t in (limits.tasks.get(task),) if t is not None),
+        ):
+            if rpm is None and tpm is None and budget is None:
+                continue
+            now = time.time()
+            minute = self._counter(key_id, name, MINUTE, now - now % 60.0)
+            period = None
+            if budget is not None:
+                period = self._counter(
+                    key_id, name, limits.budget_period, self._bounds(limits.budget_period, now)[0]
+                )
+            scopes.append(_Scope(name, rpm, tpm, budget, minute, period))
+        if len(self._plans) > 100_000:
+            self._plans.clear()
+        plan = self._plans[(key_id, task)] = (limits, tuple(scopes))
+        return plan
+
+    def _bounds(self, period: str, now: float) -> tuple[float, float]:
+        """The current ``period``'s start and end, recomputed only once it is over."""
+        bounds = self._periods.get(period)
+        if bounds is None or not bounds[0] <= now < bounds[1]:
+            start = period_start(period, now)
+            bounds = self._periods[period] = (start, period_end(period, start))
+        return bounds
 
     def _limited_error(
         self,
         kind: str,
-        code: str,
         scope: str,
         what: str,
         wait: float,
@@ -225,7 +252,7 @@ class Limiter:
         return RateLimited(
             f"Rate limit reached for this API key{where} on {what}. Please try again in {duration(wait)}.",
             kind=kind,
-            code=code,
+            code="rate_limit_exceeded",
             headers=headers,
         )
 
@@ -418,17 +445,22 @@ def _headers(
 ) -> dict[str, str]:
     """``x-ratelimit-*`` as OpenAI sends them (limit, remaining, time to reset), per minute."""
     headers = {}
+    resets = _RESETS[int(reset + 0.999)]
     if rpm is not None:
         used = minute.used(0) + minute.prev[0] * weight + taking
         headers["x-ratelimit-limit-requests"] = str(rpm)
         headers["x-ratelimit-remaining-requests"] = str(max(0, int(rpm - used)))
-        headers["x-ratelimit-reset-requests"] = duration(reset)
+        headers["x-ratelimit-reset-requests"] = resets
     if tpm is not None:
         used_tokens = minute.used(1) + minute.prev[1] * weight
         headers["x-ratelimit-limit-tokens"] = str(tpm)
         headers["x-ratelimit-remaining-tokens"] = str(max(0, int(tpm - used_tokens)))
-        headers["x-ratelimit-reset-tokens"] = duration(reset)
+        headers["x-ratelimit-reset-tokens"] = resets
     return headers
+
+
+_RESETS = [duration(float(s)) for s in range(62)]
+"""``x-ratelimit-reset-*`` values to the whole second (the window's end), formatted once."""
 
 
 __all__ = ["KeyLimits", "Limiter", "duration", "period_end", "period_start"]
