@@ -69,6 +69,10 @@ def test_requests_per_minute_over_the_limit_get_429_with_retry_after(gateway: Ru
     # Another key is not affected, and the refused request was not recorded.
     other = new_key(gateway.url)
     assert ask(client(gateway, other["key"])).http_response.status_code == 200
+    assert (
+        'distillgate_limited_requests_total{reason="requests"} 1.0'
+        in httpx.get(gateway.url + "/metrics").text
+    )
     gateway.flush()
     assert len(httpx.get(gateway.url + "/admin/records", headers=ADMIN).json()["data"]) == 4
 
