@@ -285,3 +285,23 @@ class Usage(SQLModel, table=True):
     requests: int = Field(default=0, sa_type=BigInteger)
     tokens: int = Field(default=0, sa_type=BigInteger)
     spend_usd: float = 0.0
+
+
+class AnswerCheck(SQLModel, table=True):
+    """A teacher answer scored by a second model before it may become training data
+    (``trainer.validation``). One row per record: the result is computed once and kept; an
+    answer under the task's ``validate.min_score`` stays in ``record`` and is left out of datasets."""
+
+    __tablename__ = "answer_check"
+    __table_args__ = (Index("ix_answer_check_task_passed", "task", "passed"),)
+
+    record_id: str = Field(primary_key=True, max_length=40)
+    task: str = Field(max_length=200)
+    score: float | None = None
+    """0..1; None when the checker's reply held no score (counted as not checked)."""
+    passed: bool = True
+    checker: str = Field(default="", max_length=200)
+    """The checking model."""
+    detail: str | None = Field(default=None, sa_column=Column(Text))
+    cost_usd: float = 0.0
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
