@@ -27,45 +27,19 @@ import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import and_, or_, select
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from gateway.auth import Caller, KeyLimits
 from gateway.errors import PermissionDenied, RateLimited
+from gateway.store import usage
 from gateway.store.db import Database
-from gateway.store.models import Usage
+from gateway.store.usage import KEY_SCOPE, MINUTE, PERIODS, USAGE_TABLE, period_end, period_start
+from gateway.store.usage import Delta as _Delta
 
 log = logging.getLogger("distillgate.limits")
-
-USAGE_TABLE = Usage.__table__  # type: ignore[attr-defined]
-MINUTE = "minute"
-PERIODS = ("day", "week", "month")
-KEY_SCOPE = ""
-"""The ``task`` of a key's own counters (its task counters carry the task's name)."""
-
-
-def period_start(period: str, now: float) -> float:
-    """The start of the calendar period (UTC) ``now`` falls in."""
-    day = datetime.fromtimestamp(now, UTC).replace(hour=0, minute=0, second=0, microsecond=0)
-    if period == "day":
-        return day.timestamp()
-    if period == "week":
-        return (day - timedelta(days=day.weekday())).timestamp()
-    return day.replace(day=1).timestamp()
-
-
-def period_end(period: str, start: float) -> float:
-    begin = datetime.fromtimestamp(start, UTC)
-    if period == "day":
-        return (begin + timedelta(days=1)).timestamp()
-    if period == "week":
-        return (begin + timedelta(days=7)).timestamp()
-    index = begin.year * 12 + begin.month
-    return datetime(index // 12, index % 12 + 1, 1, tzinfo=UTC).timestamp()
 
 
 def duration(seconds: float) -> str:
@@ -111,15 +85,6 @@ class _Scope:
     budget: float | None
     minute: Counter
     period: Counter | None
-
-
-@dataclass(slots=True)
-class _Delta:
-    key_id: int
-    task: str
-    window: str
-    start: float
-    values: list[float]
 
 
 class Limiter:
@@ -367,30 +332,7 @@ class Limiter:
     ) -> dict[tuple[int, str, str, float], tuple[float, float, float]]:
         table = USAGE_TABLE
         with self.db.engine.begin() as conn:
-            if deltas:
-                rows = [
-                    {
-                        "key_id": d.key_id,
-                        "task": d.task,
-                        "window": d.window,
-                        "start": datetime.fromtimestamp(d.start, UTC),
-                        "requests": int(d.values[0]),
-                        "tokens": int(d.values[1]),
-                        "spend_usd": d.values[2],
-                    }
-                    for d in _merged(deltas)
-                ]
-                insert = pg_insert if self.db.dialect == "postgresql" else sqlite_insert
-                stmt = insert(table)
-                stmt = stmt.on_conflict_do_update(
-                    index_elements=["key_id", "task", "window", "start"],
-                    set_={
-                        "requests": table.c.requests + stmt.excluded.requests,
-                        "tokens": table.c.tokens + stmt.excluded.tokens,
-                        "spend_usd": table.c.spend_usd + stmt.excluded.spend_usd,
-                    },
-                )
-                conn.execute(stmt, rows)
+            usage.add(conn, deltas)
             minute_floor = datetime.fromtimestamp(now - now % 60.0 - 60.0, UTC)
             period_floor = datetime.fromtimestamp(
                 min(period_start("week", now), period_start("month", now)), UTC
@@ -420,18 +362,6 @@ class Limiter:
                     float(row.spend_usd),
                 )
             return found
-
-
-def _merged(deltas: list[_Delta]) -> list[_Delta]:
-    """One delta per row (an upsert must not touch a row twice)."""
-    merged: dict[tuple[int, str, str, float], _Delta] = {}
-    for d in deltas:
-        key = (d.key_id, d.task, d.window, d.start)
-        if key in merged:
-            merged[key].values = [a + b for a, b in zip(merged[key].values, d.values, strict=True)]
-        else:
-            merged[key] = _Delta(d.key_id, d.task, d.window, d.start, list(d.values))
-    return list(merged.values())
 
 
 def _wait(excess: float, prev: float, reset: float) -> float:
@@ -464,3 +394,4 @@ _RESETS = [duration(float(s)) for s in range(62)]
 
 
 __all__ = ["KeyLimits", "Limiter", "duration", "period_end", "period_start"]
+"""``period_start``/``period_end`` live in ``gateway.store.usage`` (the worker adds spend too)."""
