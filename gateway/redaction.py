@@ -190,8 +190,9 @@ class Redactor:
 
     def _count(self, task: str, counts: dict[str, int]) -> None:
         if self.metrics is not None:
+            metrics = self.metrics
             for kind, n in counts.items():
-                self.metrics.redactions.labels(task, kind).inc(n)
+                metrics.child(metrics.redactions, task, kind).inc(n)
 
     def row(self, row: dict[str, Any]) -> dict[str, Any]:
         """The recorder's hook: a record row with its content redacted and ``redacted`` set (on
