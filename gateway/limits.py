@@ -391,7 +391,3 @@ def _headers(
 
 _RESETS = [duration(float(s)) for s in range(62)]
 """``x-ratelimit-reset-*`` values to the whole second (the window's end), formatted once."""
-
-
-__all__ = ["KeyLimits", "Limiter", "duration", "period_end", "period_start"]
-"""``period_start``/``period_end`` live in ``gateway.store.usage`` (the worker adds spend too)."""
