@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,7 +16,9 @@ from gateway.store.models import AnswerCheck, Record, Usage
 from router.policy import parse_policy
 from tests.servers import ServerThread, serve
 from tests.trainer.conftest import INTENTS, add_records, intent_records
-from trainer.dataset import DatasetOptions, build_snapshot
+from trainer.dataset import DatasetOptions, build_snapshot, select_examples
+from trainer.evaluate import evaluate_adapter
+from trainer.finetune import FinetuneConfig, finetune
 from trainer.validation import AnswerChecker, chosen, parse_score, summary
 
 
@@ -174,3 +177,64 @@ def test_the_checked_share_is_the_same_everywhere() -> None:
     assert picked == [i for i in ids if chosen(i, 0.25)]
     assert 0.2 < len(picked) / len(ids) < 0.3
     assert all(chosen(i, 1.0) for i in ids[:10])
+
+
+def test_a_student_trained_on_validated_answers_agrees_more_with_the_truth(
+    tiny_model: Path, checker: tuple[Checker, ServerThread], tmp_path: Path
+) -> None:
+    """The teacher calls most sales emails support: validation leaves those answers out, and the
+    student trained on what is left gets sales right where one trained on everything does not."""
+    _, server = checker
+    db = Database(f"sqlite:///{tmp_path / 'store.db'}")
+    db.create_all()
+    records = intent_records("intent", 240)
+    wrong = 0
+    sales = [
+        r.response
+        for r in records
+        if r.response and r.response["choices"][0]["message"]["content"] == "sales"
+    ]
+    for i, response in enumerate(sales):
+        if i % 5 < 3:
+            response["choices"][0]["message"]["content"] = "support"
+            wrong += 1
+    add_records(db, records)
+    counts = AnswerChecker(db, policy_for(server.url)).run("intent")
+    assert counts is not None and counts.failed == wrong == 36
+
+    _, validated = build_snapshot(db, "intent", DatasetOptions(holdout=0.0))
+    everything = select_examples(
+        reversed(records), DatasetOptions(holdout=0.0)
+    )  # the same records, checks ignored
+    assert len(validated.train) == 240 - wrong and len(everything.train) == 240
+    fresh = select_examples(
+        reversed(intent_records("intent", 60, start=1000, seed=7)), DatasetOptions(holdout=0.0)
+    ).train
+    config = FinetuneConfig(method="full", epochs=20, batch_tokens=640, max_seq_len=320, learning_rate=1e-3)
+    agreement = {}
+    for name, selection in (("everything", everything), ("validated", validated)):
+        out = tmp_path / name
+        finetune(tiny_model, selection.train, [], out, config)
+        agreement[name] = evaluate_adapter(str(tiny_model), str(out), fresh, scorer="exact").agreement
+    assert agreement["validated"] > agreement["everything"], agreement
+    db.dispose()
+
+
+def test_the_admin_api_shows_a_tasks_answer_checks(
+    checker: tuple[Checker, ServerThread], tmp_path: Path
+) -> None:
+    from gateway.store.models import Task
+    from router.tasks import task_detail
+
+    _, server = checker
+    db = Database(f"sqlite:///{tmp_path / 'store.db'}")
+    db.create_all()
+    records, wrong = wrong_on_a_share("intent", 20, every=5)
+    add_records(db, records)
+    with db.session() as session:
+        session.add(Task(key="intent"))
+        session.commit()
+    AnswerChecker(db, policy_for(server.url)).run("intent")
+    checks = task_detail(db, "intent").answer_checks
+    assert (checks.checked, checks.passed, checks.failed) == (20, 20 - len(wrong), len(wrong))
+    db.dispose()
