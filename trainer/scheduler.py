@@ -31,6 +31,7 @@ from gateway.store.models import Adapter, Record, Stage, Task, TrainingLock, utc
 from router.policy import Policy, TaskPolicy
 from router.stages import TransitionError, transition_task
 from trainer.dataset import snapshot_examples
+from trainer.distributed import Torchrun
 from trainer.evaluate import EvalResult, evaluate_adapter
 from trainer.finetune import FinetuneConfig
 from trainer.isolation import ChildDied, ChildProcess, Inline
@@ -56,8 +57,9 @@ class SchedulerEvent:
     numbers: dict[str, Any] = field(default_factory=dict)
 
 
-def usable_records_since(db: Database, task: str, since: Any) -> int:
-    """Teacher answers that could become training data, recorded after ``since`` (None: ever)."""
+def usable_records_since(db: Database, task: str, since: Any, *, include_redacted: bool = True) -> int:
+    """Teacher answers that could become training data, recorded after ``since`` (None: ever);
+    records redaction changed count only when the task trains on them (``include_redacted``)."""
     with db.session() as session:
         stmt = (
             select(func.count())
@@ -72,6 +74,8 @@ def usable_records_since(db: Database, task: str, since: Any) -> int:
         )
         if since is not None:
             stmt = stmt.where(Record.created_at > since)
+        if not include_redacted:
+            stmt = stmt.where(col(Record.redacted).is_not(True))
         return int(session.exec(stmt).one())
 
 
@@ -187,7 +191,7 @@ class Scheduler:
         self.progress = progress
         self.isolate = isolate and not callable(progress)
         """Train and evaluate in a child process (a progress callback needs this process)."""
-        self._runners: set[Inline] = set()
+        self._runners: set[Inline | Torchrun] = set()
         self._stopping = False
         self.events: list[SchedulerEvent] = []
         self.on_event: list[Callable[[SchedulerEvent], None]] = []
@@ -256,7 +260,12 @@ class Scheduler:
                 tp = policy.for_task(task.key)
                 now = utcnow()
                 reason = due_reason(
-                    task, tp, usable_records_since(self.db, task.key, task.last_trained_at), now
+                    task,
+                    tp,
+                    usable_records_since(
+                        self.db, task.key, task.last_trained_at, include_redacted=tp.redact.train_on_redacted
+                    ),
+                    now,
                 )
                 if reason is not None:
                     events.append(self.run_task(task.key, reason))
@@ -303,17 +312,23 @@ class Scheduler:
 
     def _train_and_judge(self, key: str, policy: Policy, lease: TrainingLease) -> SchedulerEvent:
         runner = ChildProcess(f"distillgate-train-{key}") if self.isolate else Inline()
-        self._runners.add(runner)
+        # More than one GPU: the training itself is a torchrun job (its own processes); the
+        # offline evaluation stays in the child.
+        gpus = policy.for_task(key).train.gpus
+        training: Inline | Torchrun = Torchrun(gpus) if gpus > 1 else runner
+        self._runners.update((runner, training))
         try:
             if self._stopping:
                 runner.kill()
-            return self._train_and_judge_with(key, policy, runner, lease)
+                training.kill()
+            return self._train_and_judge_with(key, policy, runner, lease, training)
         finally:
             self._runners.discard(runner)
+            self._runners.discard(training)
             runner.close()
 
     def _train_and_judge_with(
-        self, key: str, policy: Policy, runner: Inline, lease: TrainingLease
+        self, key: str, policy: Policy, runner: Inline, lease: TrainingLease, training: Inline | Torchrun
     ) -> SchedulerEvent:
         assert policy.student is not None
         tp = policy.for_task(key)
@@ -333,7 +348,7 @@ class Scheduler:
                 self.adapters_dir,
                 config=config,
                 progress=self.progress,
-                runner=runner,
+                runner=training,
             )
         except NotEnoughData as exc:
             return self._back_to_collecting(key, "rejected", f"not enough data: {exc}", {})
