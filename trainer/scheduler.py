@@ -352,6 +352,7 @@ class Scheduler:
             "finetuned": _score(tuned),
             "scorer": tuned.scorer,
             "student_latency_ms_p50": round(tuned.latency_ms_p50, 2),
+            "eval_s": round(baseline.wall_s + tuned.wall_s, 2),
         }
         set_adapter_status(self.db, adapter.name, "trained", eval=numbers)
         bar = tp.train.min_offline_score
