@@ -25,8 +25,10 @@ class DemoRecipe:
     """The policy's ``defaults`` section (train, shadow, promote, canary, audit, cache)."""
     task_policies: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Per family name: the policy's ``tasks.<key>`` overrides (scorer, answer caps, records)."""
-    torch_threads: int = 1
-    """Torch threads in the demo's own process (the gateway); training picks its own."""
+    torch_threads: int = 2
+    """Torch threads of training (the spawned training process inherits the demo's count): a
+    135M model's matmuls are large enough for two threads to pay on two cores (the tiny
+    from-scratch student was faster on one)."""
     round_size: int = 150
     """Requests per traffic round; each round uses new prompts."""
     concurrency: int = 4
@@ -45,14 +47,15 @@ def demo_recipe(*, quick: bool = False, base_model: str = SMOLLM2) -> DemoRecipe
     SmolLM2 with LoRA at learning rate 1e-3, no LoRA dropout, one packed sequence of at most
     512 tokens per micro-batch learns each family's rules from ~150 teacher answers in 2-3
     epochs; at the production default of 2e-4 for one epoch it does not. Training on two
-    shared cores runs at a few hundred tokens/s, so records per task, not epochs, set the
-    minutes. Offline answers are capped a few tokens past the longest teacher answer of each
-    family (2 tokens for a label, ~50 for the JSON), so the untrained base, which rambles,
-    costs seconds, not minutes. The gate needs ``min_samples`` all-passing pairs per stage:
+    shared cores runs at a few hundred tokens/s (a record is ~130 tokens), so records per
+    task, not epochs, set the minutes: 150 per task (120 trained, 30 held out) keep the three
+    trainings near 3 minutes each on a quiet machine. The offline evaluation caps each answer
+    a few tokens past the teacher's (``trainer.evaluate``), so the untrained base, which
+    rambles, costs seconds, not minutes. The gate needs ``min_samples`` all-passing pairs per stage:
     at threshold 0.9 and 95% confidence a Wilson lower bound clears 0.9 from 25 straight
     passes, so 30 leaves room for one miss on the longer steps.
     """
-    records = 100 if quick else 200
+    records = 80 if quick else 150
     train = {
         "method": "lora",
         "min_new_records": records,
@@ -75,15 +78,10 @@ def demo_recipe(*, quick: bool = False, base_model: str = SMOLLM2) -> DemoRecipe
         "canary": [0.5, 1.0],
         "audit": {"rate": 0.1, "rollback_below": 0.8, "min_samples": 20},
     }
-    tasks: dict[str, dict[str, Any]] = {
-        # A label is one or two tokens: a short cap keeps the base model's rambling cheap.
-        "classify-email": {"train": {**train, "max_completion_tokens": 8}},
-    }
     return DemoRecipe(
         base_model=base_model,
         policy_defaults=defaults,
-        task_policies=tasks,
         round_size=60 if quick else 150,
-        measure_requests=60 if quick else 300,
+        measure_requests=60 if quick else 150,
         families=("classify-email",) if quick else workload.TASK_NAMES,
     )

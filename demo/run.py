@@ -517,6 +517,7 @@ def _offline(db: Any, task: Task) -> dict[str, Any]:
             "train_examples": evaluation.get("train_examples"),
             "train_s": number(metrics.get("train_s")),
             "tokens_per_s": number(metrics.get("tokens_per_s")),
+            "eval_s": number(evaluation.get("eval_s")),
         }
     return {}
 
@@ -581,6 +582,7 @@ def _summary(
             "student_p50_ms": _latency_p50(db, task.key, student=True),
             "train_s": _round(offline.get("train_s"), 1),
             "tokens_per_s": _round(offline.get("tokens_per_s"), 1),
+            "eval_s": _round(offline.get("eval_s"), 1),
             "reason": task.reason,
         }
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
