@@ -636,7 +636,7 @@ def run_finetune(setup: Setup, meter: Meter, workdir: Path) -> Result:
         lora_rank=LORA_RANK,
         lora_alpha=LORA_ALPHA,
         learning_rate=setup.args.lr,
-        batch_size=2,
+        batch_tokens=2 * setup.args.max_len,
         max_seq_len=setup.args.max_len,
         max_steps=setup.args.steps,
         epochs=1000.0,

@@ -162,7 +162,7 @@ class ProgressLog:
         elapsed = time.perf_counter() - state.started
         prefix = f"[demo {elapsed:6.0f} s]"
         for event in state.events[self._events :]:
-            self.console.print(f"{prefix} {event}", soft_wrap=True, highlight=False)
+            self.console.print(f"{prefix} {event}", soft_wrap=True, highlight=False, markup=False)
         self._events = len(state.events)
         changed = False
         for view in views:
@@ -176,6 +176,7 @@ class ProgressLog:
                     + (f" — {view.reason}" if view.reason else ""),
                     soft_wrap=True,
                     highlight=False,
+                    markup=False,
                 )
         if changed or elapsed - self._beat >= self.heartbeat_s:
             self._beat = elapsed
@@ -185,6 +186,7 @@ class ProgressLog:
                 + (f" | {parts}" if parts else ""),
                 soft_wrap=True,
                 highlight=False,
+                markup=False,
             )
 
 
@@ -305,12 +307,14 @@ def run_demo(
     student_peak_mb: float | None = None
     try:
         state.phase = "preparing the base model"
-        console.print(f"[demo] base model {recipe.base_model}", soft_wrap=True, highlight=False)
+        console.print(f"[demo] base model {recipe.base_model}", soft_wrap=True, highlight=False, markup=False)
         # Converted once (a GGUF → a cached bf16 directory); the trainer and the student server
         # then find it in the cache.
         base = resolve_base_model(
             recipe.base_model,
-            progress=lambda line: console.print(f"[demo] {line}", soft_wrap=True, highlight=False),
+            progress=lambda line: console.print(
+                f"[demo] {line}", soft_wrap=True, highlight=False, markup=False
+            ),
         )
         if teacher_url is None:
             teacher = BackgroundServer(
@@ -319,7 +323,7 @@ def run_demo(
             servers.append(teacher.start())
             teacher_url = teacher.url + "/v1"
         state.phase = "starting the student server"
-        console.print(f"[demo] {state.phase} ({base.path})", soft_wrap=True, highlight=False)
+        console.print(f"[demo] {state.phase} ({base.path})", soft_wrap=True, highlight=False, markup=False)
         student_port = free_port()
         env = {**os.environ, "OMP_NUM_THREADS": "1", "DISTILLGATE_TORCH_THREADS": "1"}
         student_log = open(workdir / "student.log", "wb")  # noqa: SIM115 (closed with the process)
@@ -669,7 +673,7 @@ def final_report(console: Console, summary: dict[str, Any]) -> None:
     console.print(final_table(summary))
     for name, row in summary["tasks"].items():
         if row.get("reason"):
-            console.print(f"{name}: {row['reason']}", soft_wrap=True, highlight=False)
+            console.print(f"{name}: {row['reason']}", soft_wrap=True, highlight=False, markup=False)
 
 
 def report_console() -> Console:

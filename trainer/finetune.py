@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from router.policy import TrainPolicy
 from trainer.base_model import resolve_base_model
 from trainer.collate import (
     IGNORE_INDEX,
@@ -29,45 +30,54 @@ from trainer.collate import (
     pack,
     tokenize_example,
 )
+from trainer.loss import labelled_loss_sum
+from trainer.memory_plan import parameter_count, plan_memory
 
 if TYPE_CHECKING:
     import torch
 
-    from router.policy import TrainPolicy
+_POLICY = TrainPolicy()
+POLICY_FIELDS = (
+    "method",
+    "epochs",
+    "learning_rate",
+    "batch_tokens",
+    "max_seq_len",
+    "lora_rank",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_targets",
+)
+"""Hyper-parameters a task's ``train`` policy sets: declared (and documented) once, in
+``router.policy.TrainPolicy``, whose defaults are also ``FinetuneConfig``'s."""
 
 
 @dataclass
 class FinetuneConfig:
     """Hyper-parameters of one fine-tuning run (the policy's ``train`` section supplies most)."""
 
-    method: Literal["lora", "full"] = "lora"
-    """``lora`` trains a low-rank adapter on a frozen base; ``full`` trains every weight (small models)."""
-    lora_rank: int = 16
-    """Rank ``r`` of the LoRA matrices. vLLM must run with ``--max-lora-rank`` at least this."""
-    lora_alpha: int = 32
-    """LoRA scaling numerator: updates are scaled by ``lora_alpha / lora_rank``."""
-    lora_dropout: float = 0.05
-    """Dropout on the LoRA branch's input during training."""
-    lora_targets: list[str] | str = "all-linear"
-    """Modules that get adapters: ``all-linear`` (every linear layer but the output head) or names."""
-    learning_rate: float = 2e-4
-    """Peak learning rate, reached after warmup and decayed linearly to 0."""
+    method: Literal["lora", "full"] = _POLICY.method
+    """Policy ``train.method`` (as are the next eight fields: ``TrainPolicy`` documents them)."""
+    lora_rank: int = _POLICY.lora_rank
+    lora_alpha: int = _POLICY.lora_alpha
+    lora_dropout: float = _POLICY.lora_dropout
+    lora_targets: list[str] | str = _POLICY.lora_targets
+    learning_rate: float = _POLICY.learning_rate
     weight_decay: float = 0.0
     """AdamW decoupled weight decay."""
     warmup_ratio: float = 0.03
     """Share of the optimizer steps spent warming the learning rate up from 0 (at least one step)."""
     max_grad_norm: float = 1.0
     """Gradients are clipped to this global norm; 0 disables clipping."""
-    epochs: float = 3.0
-    """Passes over the training set; fractions stop part-way through the last one."""
+    epochs: float = _POLICY.epochs
     max_steps: int | None = None
     """Upper bound on optimizer steps, whatever ``epochs`` says (benchmarks, smoke runs)."""
-    batch_size: int = 8
-    """Packed sequences per forward/backward pass."""
+    batch_tokens: int = _POLICY.batch_tokens
+    """Tokens (padding included) per forward/backward pass: packed sequences are grouped up to it,
+    at least one per micro-batch."""
     gradient_accumulation_steps: int = 1
-    """Micro-batches summed into one optimizer step (effective batch = batch_size * this)."""
-    max_seq_len: int = 1024
-    """Longest packed sequence in tokens; longer examples are dropped (and counted), never cut."""
+    """Micro-batches summed into one optimizer step."""
+    max_seq_len: int = _POLICY.max_seq_len
     packing: bool = True
     """Concatenate several examples per sequence (attention and labels stay per example)."""
     assistant_turns: AssistantTurns = "last"
@@ -81,26 +91,21 @@ class FinetuneConfig:
     seed: int = 0
     """Seeds python, torch and the data order: same data, config and hardware give the same weights."""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
-    """``auto``: bf16 autocast on a GPU that supports it (LoRA bases loaded in bf16), fp32 otherwise."""
+    """``auto``: bf16 autocast (LoRA bases loaded in bf16) on a GPU that supports it, and on a CPU
+    with native bf16 instructions for models of ``BF16_CPU_MIN_PARAMS`` or more; fp32 otherwise."""
     device: str = "auto"
     """``auto`` (CUDA if available, else CPU), ``cpu``, ``cuda``, ``cuda:1`` …"""
     gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass: less memory, about a third more compute."""
+    """Recompute activations in the backward pass: less memory, about a third more compute. The
+    memory check turns it on when the run would not fit otherwise."""
+    memory_limit: int | None = None
+    """Bytes the run may hold resident (CPU) or on the device (GPU); ``None``: what the machine
+    (or its cgroup) has available when training starts. See ``trainer.memory_plan``."""
 
     @classmethod
     def from_policy(cls, train: TrainPolicy, **overrides: Any) -> FinetuneConfig:
         """The run configuration a task's ``train`` policy asks for."""
-        values: dict[str, Any] = {
-            "method": train.method,
-            "epochs": train.epochs,
-            "learning_rate": train.learning_rate,
-            "batch_size": train.batch_size,
-            "max_seq_len": train.max_seq_len,
-            "lora_rank": train.lora_rank,
-            "lora_alpha": train.lora_alpha,
-            "lora_dropout": train.lora_dropout,
-            "lora_targets": train.lora_targets,
-        }
+        values: dict[str, Any] = {name: getattr(train, name) for name in POLICY_FIELDS}
         values.update(overrides)
         return cls(**values)
 
@@ -147,6 +152,13 @@ class FinetuneResult:
     """Tokens that carried loss (assistant tokens), summed over epochs."""
     train_s: float = 0.0
     wall_s: float = 0.0
+    batch_tokens: int = 0
+    """Tokens per micro-batch the run used (the memory check may lower the configured one)."""
+    gradient_checkpointing: bool = False
+    estimated_peak_bytes: int = 0
+    """What the memory check expected the run to hold at its peak."""
+    peak_rss_bytes: int = 0
+    """This process's peak resident memory when the run ended (CPU runs; the process's whole life)."""
     trainable_parameters: int = 0
     total_parameters: int = 0
 
@@ -171,14 +183,30 @@ def pick_device(requested: str = "auto") -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def use_bf16(precision: str, device: str) -> bool:
+BF16_CPU_MIN_PARAMS = 50_000_000
+"""Below this, bf16 autocast on a CPU costs more in casts than its matmuls save (measured on a
+263k-parameter model: slower; SmolLM2-135M: faster, and half the weight memory)."""
+
+
+def use_bf16(precision: str, device: str, parameters: int | None = None) -> bool:
     import torch
 
     if precision == "bf16":
         return True
     if precision == "fp32":
         return False
-    return device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.startswith("cuda"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return parameters is not None and parameters >= BF16_CPU_MIN_PARAMS and cpu_has_native_bf16()
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: the CPU multiplies bf16 natively (without, bf16 is emulated and slow)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def finetune(
@@ -197,14 +225,15 @@ def finetune(
     ``FinetuneProgress`` after every optimizer step instead.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     config = config or FinetuneConfig()
     started = time.perf_counter()
     _seed_everything(config.seed)
     device = pick_device(config.device)
-    bf16 = use_bf16(config.precision, device)
     base = resolve_base_model(base_model)
+    model_config = AutoConfig.from_pretrained(base.path)
+    bf16 = use_bf16(config.precision, device, parameter_count(model_config))
     tokenizer = AutoTokenizer.from_pretrained(base.path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
@@ -213,8 +242,10 @@ def finetune(
     if not train_tok:
         raise ValueError("no training example fits max_seq_len (or none was given)")
     random.Random(config.seed).shuffle(train_tok)
-    train_seqs = pack(train_tok, config.max_seq_len, packing=config.packing)
-    eval_seqs = pack(eval_tok, config.max_seq_len, packing=config.packing)
+    longest = max(len(t) for t in [*train_tok, *eval_tok])
+    memory = plan_memory(model_config, config, bf16=bf16, device=device, longest_record=longest)
+    train_seqs = pack(train_tok, memory.sequence_tokens, packing=config.packing)
+    eval_seqs = pack(eval_tok, memory.sequence_tokens, packing=config.packing)
     collator = Collator(pad_id)
 
     load_dtype = torch.bfloat16 if (bf16 and config.method == "lora") else torch.float32
@@ -234,16 +265,19 @@ def finetune(
         model = get_peft_model(model, peft_config)
         # The adapter names the base model as the user did (what vLLM serves), not a cache path.
         model.peft_config["default"].base_model_name_or_path = base.name
-    if config.gradient_checkpointing:
+    if memory.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         if config.method == "lora":
             model.enable_input_require_grads()
     model.to(device)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    autocast_device = "cuda" if device.startswith("cuda") else "cpu"
+    autocast = (
+        (lambda: torch.autocast(autocast_device, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    )
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
-    micro_per_epoch = math.ceil(len(train_seqs) / config.batch_size)
+    micro_per_epoch = len(micro_batches(train_seqs, memory.batch_tokens))
     steps_per_epoch = max(1, math.ceil(micro_per_epoch / config.gradient_accumulation_steps))
     total_steps = max(1, math.ceil(steps_per_epoch * config.epochs))
     if config.max_steps is not None:
@@ -264,6 +298,9 @@ def finetune(
         eval_examples=len(eval_tok),
         dropped_too_long=dropped_train + dropped_eval,
         sequences=len(train_seqs),
+        batch_tokens=memory.batch_tokens,
+        gradient_checkpointing=memory.gradient_checkpointing,
+        estimated_peak_bytes=memory.estimated_peak_bytes,
         trainable_parameters=sum(p.numel() for p in trainable),
         total_parameters=sum(p.numel() for p in model.parameters()),
     )
@@ -271,7 +308,7 @@ def finetune(
     def held_out_loss() -> float | None:
         if not eval_seqs:
             return None
-        return evaluate_loss(model, eval_seqs, collator, config.batch_size, device, autocast)
+        return evaluate_loss(model, eval_seqs, collator, memory.batch_tokens, device, autocast)
 
     result.eval_loss_before = held_out_loss()
     best_loss = result.eval_loss_before
@@ -286,10 +323,7 @@ def finetune(
         while step < total_steps and not result.stopped_early:
             order = list(range(len(train_seqs)))
             data_rng.shuffle(order)
-            batches = [
-                [train_seqs[i] for i in order[k : k + config.batch_size]]
-                for k in range(0, len(order), config.batch_size)
-            ]
+            batches = micro_batches([train_seqs[i] for i in order], memory.batch_tokens)
             for group in _chunks(batches, config.gradient_accumulation_steps):
                 if step >= total_steps:
                     break
@@ -300,12 +334,7 @@ def finetune(
                 for batch in group:
                     inputs = {k: v.to(device) for k, v in collator(batch).items()}
                     with autocast():
-                        logits = model(
-                            input_ids=inputs["input_ids"],
-                            position_ids=inputs["position_ids"],
-                            use_cache=False,
-                        ).logits
-                    summed = token_loss_sum(logits, inputs["labels"])
+                        summed = labelled_loss_sum(model, **inputs)
                     # Every token weighs the same, whichever micro-batch it sits in.
                     (summed / max(1, n_labels)).backward()
                     loss_sum += float(summed.detach())
@@ -348,6 +377,7 @@ def finetune(
 
     result.steps = step
     result.train_s = train_time
+    result.peak_rss_bytes = peak_rss_bytes()
     if eval_seqs:
         last = result.eval_losses[-1][1] if result.eval_losses else result.eval_loss_before
         if best_state is not None and best_loss is not None and last is not None and best_loss < last:
@@ -389,7 +419,7 @@ def evaluate_loss(
     model: Any,
     sequences: Sequence[PackedSequence],
     collator: Collator,
-    batch_size: int,
+    batch_tokens: int,
     device: str,
     autocast: Callable[[], Any] = contextlib.nullcontext,
 ) -> float:
@@ -399,16 +429,37 @@ def evaluate_loss(
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad():
-        for k in range(0, len(sequences), batch_size):
-            batch = list(sequences[k : k + batch_size])
+        for batch in micro_batches(list(sequences), batch_tokens):
             inputs = {name: v.to(device) for name, v in collator(batch).items()}
             with autocast():
-                logits = model(
-                    input_ids=inputs["input_ids"], position_ids=inputs["position_ids"], use_cache=False
-                ).logits
-            total += float(token_loss_sum(logits, inputs["labels"]))
+                total += float(labelled_loss_sum(model, **inputs))
             count += sum(_label_count(seq) for seq in batch)
     return total / max(1, count)
+
+
+def micro_batches(sequences: Sequence[PackedSequence], batch_tokens: int) -> list[list[PackedSequence]]:
+    """Consecutive packed sequences grouped so that each group, padded to its longest, holds at
+    most ``batch_tokens`` tokens (a sequence longer than that goes alone)."""
+    batches: list[list[PackedSequence]] = []
+    current: list[PackedSequence] = []
+    width = 0
+    for seq in sequences:
+        grown = max(width, len(seq))
+        if current and grown * (len(current) + 1) > batch_tokens:
+            batches.append(current)
+            current, grown = [], len(seq)
+        current.append(seq)
+        width = grown
+    if current:
+        batches.append(current)
+    return batches
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size (Linux reports kilobytes)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _tokenize(

@@ -33,7 +33,8 @@ from router.stages import TransitionError, transition_task
 from trainer.dataset import snapshot_examples
 from trainer.evaluate import EvalResult, evaluate_adapter
 from trainer.finetune import FinetuneConfig
-from trainer.isolation import ChildProcess, Inline
+from trainer.isolation import ChildDied, ChildProcess, Inline
+from trainer.memory_plan import TrainingMemoryError
 from trainer.publish import PublishError, StudentPublisher, publish_adapter
 from trainer.registry import NotEnoughData, set_adapter_status, train_task
 
@@ -313,6 +314,16 @@ class Scheduler:
             )
         except NotEnoughData as exc:
             return self._back_to_collecting(key, "rejected", f"not enough data: {exc}", {})
+        except TrainingMemoryError as exc:
+            return self._back_to_collecting(key, "refused", f"training not started: {exc}", {})
+        except ChildDied as exc:
+            log.error("training %s died: %s", key, exc)
+            died: dict[str, Any] = {
+                "cause": exc.cause,
+                "exit_code": exc.exit_code,
+                "peak_rss_bytes": exc.peak_rss_bytes,
+            }
+            return self._back_to_collecting(key, exc.cause, f"training died: {exc}", died)
         except Exception as exc:
             log.exception("training %s failed", key)
             return self._back_to_collecting(
@@ -361,7 +372,9 @@ class Scheduler:
             f" → fine-tuned {numbers['finetuned']:.3f} → teacher 1.000 (bar {bar:.2f})"
         )
         if tuned.pass_rate < bar:
-            return self._reject(key, adapter, summary, numbers)
+            return self._reject(
+                key, adapter, f"{summary}: below the bar, the task stays on the teacher", numbers
+            )
         if lease.lost:
             return self._reject(
                 key,

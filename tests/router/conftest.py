@@ -94,7 +94,7 @@ def agreeing_student(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) 
         selection.train,
         [],
         out,
-        FinetuneConfig(method="full", learning_rate=3e-3, epochs=8, batch_size=4, max_seq_len=256),
+        FinetuneConfig(method="full", learning_rate=3e-3, epochs=8, batch_tokens=1024, max_seq_len=256),
     )
     return StudentModel(out, _envelope(records))
 

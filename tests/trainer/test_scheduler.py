@@ -26,7 +26,7 @@ def loop_policy(teacher_url: str, student_url: str, base_model: Path, **train: A
         "min_new_records": 50,
         "holdout": 0.2,
         "max_seq_len": 256,
-        "batch_size": 4,
+        "batch_tokens": 1024,
         "learning_rate": 3e-3,
         "epochs": 15,
         "schedule": "1h",
