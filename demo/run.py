@@ -95,6 +95,9 @@ class DemoState:
     started: float = field(default_factory=time.perf_counter)
     traffic: list[TrafficReport] = field(default_factory=list)
     events: list[str] = field(default_factory=list)
+    idle: set[str] = field(default_factory=set)
+    """Families whose traffic would only load the machine now: training, or judged and kept on
+    the teacher. Training shares two cores with the gateway, the teacher and the client."""
 
     @property
     def failed_requests(self) -> int:
@@ -209,6 +212,15 @@ class TaskView:
     stage_s: float
     """Seconds since the task entered its stage."""
     reason: str | None
+    judged: bool = False
+    """Trained at least once (a task back in collecting has its verdict)."""
+
+    @property
+    def wants_traffic(self) -> bool:
+        """Still collecting its first records, or earning (or keeping) live evidence."""
+        if self.stage == Stage.collecting:
+            return self.adapter is None and self.records < self.needed and not self.judged
+        return self.stage != Stage.training
 
     @property
     def progress(self) -> str:
@@ -262,6 +274,7 @@ def _views(db: Any, policy: Any, recipe: DemoRecipe) -> list[TaskView]:
                 student_share=task.student_ratio,
                 stage_s=(now - updated).total_seconds(),
                 reason=task.reason,
+                judged=task.last_trained_at is not None,
             )
         )
     return views
@@ -377,12 +390,16 @@ def run_demo(
         def pump() -> None:
             seed = 1
             while not traffic_done.is_set():
+                wanted = [f for f in families if f.name not in state.idle]
+                if not wanted:
+                    traffic_done.wait(1.0)
+                    continue
                 round_started = time.perf_counter()
                 report = asyncio.run(
                     replay_to(
                         base_url,
                         key,
-                        families=families,
+                        families=wanted,
                         n=recipe.round_size,
                         seed=seed,
                         concurrency=recipe.concurrency,
@@ -391,7 +408,9 @@ def run_demo(
                 )
                 state.traffic.append(report)
                 seed += 1
-                pause = recipe.round_size / recipe.requests_per_s - (time.perf_counter() - round_started)
+                pause = len(wanted) / len(families) * recipe.round_size / recipe.requests_per_s - (
+                    time.perf_counter() - round_started
+                )
                 traffic_done.wait(max(0.0, pause))
 
         state.phase = "collecting → training → shadow → canary → serving"
@@ -403,6 +422,7 @@ def run_demo(
 
         def show() -> None:
             views = _views(db, policy, recipe)
+            state.idle = {v.name for v in views if not v.wants_traffic}
             if view is not None:
                 view.update(_live_table(state, views))
             if lines is not None:
