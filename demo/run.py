@@ -373,7 +373,9 @@ def run_demo(
         def scheduler(db: Database, policy: Callable[[], Policy | None]) -> Scheduler:
             """The demo's scheduler passes often, and shows what each pass did."""
             trainer = Scheduler(db, policy, settings.adapters_dir, interval_s=2.0)
-            trainer.on_event.append(lambda e: state.events.append(f"{e.task}: {e.outcome} — {e.reason}"))
+            trainer.on_event.append(
+                lambda e: state.events.append(f"{_family_name(e.task)}: {e.outcome} — {e.reason}")
+            )
             return trainer
 
         app = create_app(settings, policy=policy, scheduler=scheduler)
