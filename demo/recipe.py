@@ -55,7 +55,7 @@ def demo_recipe(*, quick: bool = False, base_model: str = SMOLLM2) -> DemoRecipe
     at threshold 0.9 and 95% confidence a Wilson lower bound clears 0.9 from 25 straight
     passes, so 30 leaves room for one miss on the longer steps.
     """
-    records = 80 if quick else 150
+    records = 100 if quick else 150
     train = {
         "method": "lora",
         "min_new_records": records,
@@ -75,7 +75,7 @@ def demo_recipe(*, quick: bool = False, base_model: str = SMOLLM2) -> DemoRecipe
     defaults = {
         "cache": {"enabled": True, "only_deterministic": True},
         "train": train,
-        "shadow": {"rate": 1.0, "max_concurrency": 2},
+        "shadow": {"rate": 1.0, "max_concurrency": 4},
         "promote": {"threshold": 0.9, "min_samples": 30, "confidence": 0.95},
         "canary": [0.5, 1.0],
         "audit": {"rate": 0.1, "rollback_below": 0.8, "min_samples": 20},
