@@ -31,9 +31,12 @@ from gateway.lifespan import (
     training,
     training_scheduler,
 )
+from gateway.limits import Limiter
 from gateway.metrics import CONTENT_TYPE, Metrics
 from gateway.pipeline import Pipeline
 from gateway.recorder import Recorder
+from gateway.redaction import Redactor
+from gateway.retention import Pruner
 from gateway.settings import Settings
 from gateway.shedding import Admission, LoopLag
 from gateway.store.db import Database
@@ -65,6 +68,8 @@ class ServingParts:
     shadow: ShadowMirror
     scheduler: Scheduler | None
     keys: KeyRing
+    limits: Limiter
+    pruner: Pruner
     loop_lag: LoopLag
     admission: Admission
     pipeline: Pipeline
@@ -96,16 +101,19 @@ async def _serving_parts(
     store = await enter(live_policy(settings, given))
     policy = policy_reader(store)
     metrics = Metrics()
+    redactor = Redactor(policy, metrics)
     upstreams = await enter(Upstreams(settings.upstream))
     if store is not None:
         upstreams.apply(store.policy)
         store.on_reload(upstreams.apply)
-    recorder = await enter(recording(Recorder(db, settings.recorder, metrics, policy)))
+    recorder = await enter(recording(Recorder(db, settings.recorder, metrics, policy, redact=redactor.row)))
     cache = await enter(caching(PromptCache(db)))
+    cache.keeps_out = redactor.finds
     tasks = await enter(TaskTable(db, metrics, policy))
     promoter = Promoter(db, policy)
     promoter.on_transition.append(tasks.gate_moved)
     shadow = ShadowMirror(db, policy, upstreams.ask_student, upstreams.ask_teacher)
+    shadow.redact = redactor.value
     shadow.on_pair.append(
         lambda p: metrics.shadow_score.labels(p.job.task, p.job.adapter, p.scorer).observe(p.score)
     )
@@ -120,6 +128,9 @@ async def _serving_parts(
     trainer = await enter(training(scheduler, db, policy, tasks, metrics))
     admin_key = settings.auth.admin_key.get_secret_value() if settings.auth.admin_key else None
     keys = await enter(running(KeyRing(db, admin_key=admin_key, required=settings.auth.required)))
+    limits = await enter(running(Limiter(db)))
+    recorder.listeners.append(limits.charge_rows)
+    pruner = await enter(running(Pruner(db, policy, settings.retention)))
     loop_lag = await enter(running(LoopLag()))
     admission = await enter(
         Admission(
@@ -140,6 +151,7 @@ async def _serving_parts(
         promoter=promoter,
         metrics=metrics,
         max_body_bytes=settings.max_body_bytes,
+        limits=limits,
     )
     return ServingParts(
         settings=settings,
@@ -155,6 +167,8 @@ async def _serving_parts(
         shadow=shadow,
         scheduler=trainer,
         keys=keys,
+        limits=limits,
+        pruner=pruner,
         loop_lag=loop_lag,
         admission=admission,
         pipeline=pipeline,
@@ -168,7 +182,18 @@ async def metrics_endpoint(metrics: Metrics, recorder: Recorder, admission: Admi
     return Response(content=metrics.render(), media_type=CONTENT_TYPE)
 
 
-PARTS = ("db", "metrics", "policy_store", "upstreams", "recorder", "tasks", "keys", "admission", "pipeline")
+PARTS = (
+    "db",
+    "metrics",
+    "policy_store",
+    "upstreams",
+    "recorder",
+    "tasks",
+    "keys",
+    "limits",
+    "admission",
+    "pipeline",
+)
 """The parts handlers may ask for by name (``gateway.lifespan.ServingParts``)."""
 
 
@@ -195,7 +220,9 @@ def create_app(
 
 def app_from_environment() -> Litestar:
     """Factory for ``uvicorn --factory`` (each worker builds its app from ``DISTILLGATE_CONFIG``)."""
+    from gateway.logs import configure_logging
     from gateway.settings import load_settings
 
     settings = load_settings(os.environ.get("DISTILLGATE_CONFIG"))
+    configure_logging(settings.log_level, settings.log_format)  # each worker process, too
     return create_app(settings, scheduler=training_scheduler(settings) if settings.run_scheduler else None)

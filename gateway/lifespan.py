@@ -124,6 +124,18 @@ async def training(
     trainer.on_event.append(
         lambda e: metrics.training_runs.labels(e.task, e.outcome).inc() if e.outcome != "skipped" else None
     )
+
+    def checked(counts: Any) -> None:
+        for verdict, n in (
+            ("passed", counts.passed),
+            ("failed", counts.failed),
+            ("unscored", counts.unscored),
+            ("error", counts.errors),
+        ):
+            if n:
+                metrics.child(metrics.answer_checks, counts.task, verdict).inc(n)
+
+    trainer.on_check.append(checked)
     async with running(trainer):
         yield trainer
 

@@ -139,19 +139,70 @@ class Metrics:
             p + "recorder_spooled", "Records written to the spool file.", registry=r
         )
         self.recorder_dropped = Counter(
-            p + "recorder_dropped", "Records lost (spool unwritable).", registry=r
+            p + "recorder_dropped",
+            "Records lost, by reason (queue_full, shutdown, quarantine_unwritable, redaction_failed).",
+            ["reason"],
+            registry=r,
         )
+        self.recorder_replayed = Counter(
+            p + "recorder_replayed", "Spooled records written to the database.", registry=r
+        )
+        self.recorder_quarantined = Counter(
+            p + "recorder_quarantined",
+            "Records no store accepted, kept alone under <spool_dir>/quarantine/.",
+            registry=r,
+        )
+        self.recorder_restarts = Counter(
+            p + "recorder_restarts", "Recorder threads that died and were restarted.", ["thread"], registry=r
+        )
+        self.recorder_spool_errors = Counter(
+            p + "recorder_spool_errors",
+            "Failed spool writes, by errno (ENOSPC, EROFS, ...).",
+            ["kind"],
+            registry=r,
+        )
+        self.recorder_spool_writable = Gauge(
+            p + "recorder_spool_writable",
+            "1 while the spool directory takes writes, 0 after a write failed (until one succeeds).",
+            registry=r,
+            multiprocess_mode="livemin",
+        )
+        self.recorder_spool_writable.set(1)
         self.training_runs = Counter(
             p + "training_runs", "Training runs by outcome.", ["task", "status"], registry=r
         )
         self.upstream_errors = Counter(
             p + "upstream_errors", "Failed upstream calls by target and kind.", ["target", "kind"], registry=r
         )
+        self.answer_checks = Counter(
+            p + "answer_checks",
+            "Teacher answers checked by a second model before training, by verdict (passed, failed, unscored, error).",
+            ["task", "verdict"],
+            registry=r,
+        )
+        self.soft_label_captures = Counter(
+            p + "soft_label_captures",
+            "Teacher answers asked for top-k logprobs on the client's behalf (soft labels).",
+            ["task"],
+            registry=r,
+        )
         self.shadow_dropped = Counter(
             p + "shadow_dropped", "Shadow calls dropped under pressure.", ["task"], registry=r
         )
         self.shed = Counter(
             p + "shed_requests", "Requests refused because the gateway was at capacity.", registry=r
+        )
+        self.redactions = Counter(
+            p + "redactions",
+            "Values redacted from stored content, by task and detector.",
+            ["task", "kind"],
+            registry=r,
+        )
+        self.limited = Counter(
+            p + "limited_requests",
+            "Requests refused by a key's controls: requests, tokens, budget or task_not_allowed.",
+            ["reason"],
+            registry=r,
         )
 
     def child(self, metric: Any, *labels: str) -> Any:

@@ -183,6 +183,78 @@ class AuditPolicy(_Strict):
     """One-sided confidence of the upper bound that must fall below ``rollback_below``."""
 
 
+class SoftLabelPolicy(_Strict):
+    """Soft labels captured live: the teacher's top-k logprobs asked for on a sampled share of
+    the requests that did not ask for them (stripped from what the client gets), and learnt from
+    by a KD term in training."""
+
+    rate: float = Field(0.0, ge=0.0, le=1.0)
+    """Share of the task's teacher requests captured; 0 turns capture off."""
+    top_k: int = Field(5, ge=1, le=20)
+    """Alternatives per answer token (OpenAI allows up to 20)."""
+    weight: float = Field(0.5, ge=0.0, le=1.0)
+    """The KL term's share of the loss on tokens with soft labels (the rest is cross-entropy)."""
+
+
+class ValidatePolicy(_Strict):
+    """Teacher answers scored by a second model before they become training data."""
+
+    model: str | None = None
+    """The checking model; the teacher's own model when unset."""
+    base_url: str | None = None
+    """Its OpenAI-compatible endpoint; the teacher's when unset."""
+    api_key_env: str | None = None
+    """The environment variable holding its key; the teacher's key when unset."""
+    rate: float = Field(1.0, ge=0.0, le=1.0)
+    """Share of the task's records validated (the rest enter datasets unchecked)."""
+    min_score: float = Field(0.5, ge=0.0, le=1.0)
+    """Answers scored below this are kept, marked, and left out of training."""
+    max_concurrency: int = Field(4, ge=1)
+
+
+Detector = Literal["email", "phone", "card", "iban", "ip", "api_key"]
+DETECTORS: tuple[Detector, ...] = ("email", "phone", "card", "iban", "ip", "api_key")
+_PATTERN_NAME = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
+
+
+class RedactPolicy(_Strict):
+    """What is removed from a task's stored records before they reach the database, the spool,
+    the shared cache or a shadow pair (``gateway.redaction``). Clients still get answers as sent."""
+
+    enabled: bool = False
+    detectors: list[Detector] = Field(default_factory=lambda: list(DETECTORS))
+    """Built-in detectors: emails, phone numbers (phonenumbers), card numbers (Luhn), IBANs
+    (checksum), IP addresses, API-key-shaped tokens."""
+    patterns: dict[str, str] = Field(default_factory=dict)
+    """Extra patterns by name (RE2 syntax: linear time, no backreferences), e.g.
+    ``patient_id: "PT-\\d{6}"``; a match is stored as ``[REDACTED:<name>]``."""
+    phone_region: str | None = "US"
+    """Region for phone numbers written without a country code; None: only ``+<country>`` ones."""
+    train_on_redacted: bool = False
+    """Train on records that had something redacted (they lack what the teacher saw)."""
+
+    @field_validator("patterns")
+    @classmethod
+    def _patterns(cls, v: dict[str, str]) -> dict[str, str]:
+        import re2
+
+        for name, pattern in v.items():
+            if not _PATTERN_NAME.match(name):
+                raise ValueError(f"pattern name {name!r}: use lower-case letters, digits and _")
+            try:
+                re2.compile(pattern)
+            except Exception as exc:
+                raise ValueError(f"pattern {name!r} is not a valid RE2 expression: {exc}") from None
+        return v
+
+
+class RetentionPolicy(_Strict):
+    body_days: int | None = Field(None, ge=1)
+    """Days a record keeps its request and answer; after that ``distillgate db prune`` (and the
+    gateway's daily job) clears them unless a dataset snapshot holds the record. The metered row
+    (tokens, cost, latency) stays for the ledger. None keeps bodies."""
+
+
 class TaskPolicy(_Strict):
     """A task's resolved settings (defaults merged with its overrides)."""
 
@@ -194,6 +266,11 @@ class TaskPolicy(_Strict):
     audit: AuditPolicy = Field(default_factory=AuditPolicy)
     distill: bool = True
     """``false`` keeps the task on the teacher for good (it is still recorded and cached)."""
+    soft_labels: SoftLabelPolicy = Field(default_factory=SoftLabelPolicy)
+    validate_answers: ValidatePolicy | None = Field(None, alias="validate")
+    """``validate:`` in the file; off when absent."""
+    redact: RedactPolicy = Field(default_factory=RedactPolicy)
+    retention: RetentionPolicy = Field(default_factory=RetentionPolicy)
 
     @field_validator("canary")
     @classmethod

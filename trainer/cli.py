@@ -231,11 +231,22 @@ def student_serve(
     ] = None,
     max_lora_rank: Annotated[int, typer.Option(help="Largest LoRA rank accepted.")] = 64,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda …")] = "auto",
+    threads: Annotated[
+        int | None, typer.Option(min=1, help="CPU threads for torch (default: torch's own choice).")
+    ] = None,
+    max_batch: Annotated[
+        int, typer.Option(min=1, help="Most sequences decoded together; more requests wait their turn.")
+    ] = 32,
 ) -> None:
     """Serve a base model and runtime-loaded adapters with vLLM's HTTP contract."""
     import uvicorn
 
     from trainer.student_server import create_student_app
+
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
 
     adapters: dict[str, str] = {}
     for item in lora or []:
@@ -251,5 +262,6 @@ def student_serve(
         api_key=api_key,
         device=device,
         max_lora_rank=max_lora_rank,
+        max_batch=max_batch,
     )
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)

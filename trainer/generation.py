@@ -106,6 +106,8 @@ class GenerationStats:
     rows: int = 0
     """Sequences advanced by those forwards: ``rows / steps`` is the mean batch."""
     max_batch: int = 0
+    prefix_tokens: int = 0
+    """Prompt tokens not recomputed: taken from a recent prompt's cache."""
     tokens: int = 0
     cancelled: int = 0
     failed: int = 0
@@ -493,6 +495,52 @@ class _Batch:
         self.mask = self.mask[:, first:]
 
 
+class PrefixCache:
+    """The KV cache of each model's last few prompts, so that a new prompt sharing a long
+    beginning with one of them (the same system prompt, the same tool list) computes only the
+    rest. Cached tensors are never written in place (the cache grows and shrinks by new
+    tensors), so entries are shared without copies."""
+
+    MIN_TOKENS = 8
+    """Shorter shared beginnings are recomputed: copying them costs about what they save."""
+
+    def __init__(self, entries: int = 8) -> None:
+        self.entries = entries
+        self._by_model: dict[str, list[tuple[list[int], list[tuple[Any, Any]]]]] = {}
+
+    def lookup(self, name: str, prompt: list[int]) -> tuple[int, Any]:
+        """How many leading prompt tokens are cached, and a fresh cache holding just them (or None)."""
+        from transformers import DynamicCache
+
+        best, layers = 0, None
+        for tokens, kv in self._by_model.get(name, []):
+            shared = _shared_prefix(tokens, prompt, len(prompt) - 1)  # the last token is needed for logits
+            if shared > best:
+                best, layers = shared, kv
+        if layers is None or best < self.MIN_TOKENS:
+            return 0, None
+        return best, DynamicCache(ddp_cache_data=[(k[:, :, :best], v[:, :, :best]) for k, v in layers])
+
+    def remember(self, name: str, prompt: list[int], cache: Any) -> None:
+        layers = getattr(cache, "layers", None)
+        if not layers or not all(type(layer).__name__ == "DynamicLayer" for layer in layers):
+            return
+        kv = [(layer.keys, layer.values) for layer in layers]
+        kept = [e for e in self._by_model.get(name, []) if prompt[: len(e[0])] != e[0]]
+        self._by_model[name] = [(list(prompt), kv), *kept][: self.entries]
+
+    def forget(self, name: str) -> None:
+        self._by_model.pop(name, None)
+
+
+def _shared_prefix(a: list[int], b: list[int], limit: int) -> int:
+    n = min(len(a), len(b), limit)
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
 class DecodeLoop:
     """The continuous-batching loop: admits waiting requests (one prefill each, shared by its
     ``n`` choices), then advances every model's batch by one token, then repeats.
@@ -508,6 +556,7 @@ class DecodeLoop:
         self.stats = GenerationStats()
         self._waiting: list[DecodeRequest] = []
         self._batches: list[_Batch] = []
+        self._prefixes = PrefixCache()
         self._wake = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="distillgate-decode", daemon=True)
@@ -537,7 +586,9 @@ class DecodeLoop:
         self._thread.join(timeout=60)
 
     def drop_model(self, name: str, exc: BaseException) -> None:
-        """Fail every request decoding or waiting on ``name``. Call with the models' lock held."""
+        """Fail every request decoding or waiting on ``name``, and forget its cached prompts.
+        Call with the models' lock held."""
+        self._prefixes.forget(name)
         for batch in [b for b in self._batches if b.name == name]:
             for seq in batch.seqs:
                 self._fail(seq.request, exc)
@@ -611,12 +662,12 @@ class DecodeLoop:
                 raise UnknownModel(f"The model `{request.name}` does not exist.")
             model, tokenizer = self.models.select(request.name)
             try:
-                ids = torch.tensor([request.prompt], device=self.models.device)
-                out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+                out = self._prefill_forward(model, request)
             finally:
                 self.models.restore()
             self.stats.prefills += 1
             cache = out.past_key_values
+            self._prefixes.remember(request.name, request.prompt, cache)
             n = request.params.n
             if n > 1:  # the prompt's cache is computed once and shared by every choice
                 cache.batch_repeat_interleave(n)
@@ -639,6 +690,22 @@ class DecodeLoop:
             batch = _Batch(request.name, batchable and hasattr(cache, "layers"))
             self._batches.append(batch)
         batch.join(seqs, cache, len(request.prompt))
+
+    def _prefill_forward(self, model: Any, request: DecodeRequest) -> Any:
+        """The prompt through the model, starting from the longest cached prefix it shares with
+        a recent prompt of the same model (a task's system prompt and tools, typically)."""
+        import torch
+
+        device = self.models.device
+        reused, cache = self._prefixes.lookup(request.name, request.prompt)
+        rest = request.prompt[reused:]
+        kwargs: dict[str, Any] = {}
+        if cache is not None:
+            self.stats.prefix_tokens += reused
+            positions = torch.arange(reused, len(request.prompt), device=device).unsqueeze(0)
+            kwargs = {"cache": cache, "position_ids": positions}
+        ids = torch.tensor([rest], device=device)
+        return model(input_ids=ids, use_cache=True, logits_to_keep=1, **kwargs)
 
     def _step(self, batch: _Batch) -> None:
         import torch

@@ -208,6 +208,7 @@ def dataset_options(policy: TaskPolicy) -> DatasetOptions:
         holdout=train.holdout,
         max_records=train.max_records,
         max_completion_tokens=train.max_completion_tokens,
+        train_on_redacted=policy.redact.train_on_redacted,
     )
 
 

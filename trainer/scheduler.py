@@ -37,6 +37,7 @@ from trainer.isolation import ChildDied, ChildProcess, Inline
 from trainer.memory_plan import TrainingMemoryError
 from trainer.publish import PublishError, StudentPublisher, publish_adapter
 from trainer.registry import NotEnoughData, set_adapter_status, train_task
+from trainer.validation import AnswerChecker, CheckCounts
 
 log = logging.getLogger("distillgate.scheduler")
 
@@ -192,6 +193,8 @@ class Scheduler:
         self.on_event: list[Callable[[SchedulerEvent], None]] = []
         self.on_task: list[Callable[[Task], None]] = []
         """Called with each task the scheduler moved (the gateway routes on it at once)."""
+        self.on_check: list[Callable[[CheckCounts], None]] = []
+        """Called after each pass of answer checks (the gateway counts them in its metrics)."""
         self._task: asyncio.Task[None] | None = None
         self._busy = threading.Lock()
 
@@ -249,6 +252,7 @@ class Scheduler:
                     continue
                 if task.stage != Stage.collecting:
                     continue
+                self.check_answers(policy, task.key)
                 tp = policy.for_task(task.key)
                 now = utcnow()
                 reason = due_reason(
@@ -257,6 +261,21 @@ class Scheduler:
                 if reason is not None:
                     events.append(self.run_task(task.key, reason))
             return events
+
+    def check_answers(self, policy: Policy, key: str, limit: int = 200) -> CheckCounts | None:
+        """Score the task's unchecked teacher answers (its ``validate`` section), so failed ones
+        stay out of its next dataset; None when the task has no ``validate`` section."""
+        if policy.for_task(key).validate_answers is None:
+            return None
+        try:
+            counts = AnswerChecker(self.db, policy).run(key, limit=limit)
+        except Exception:
+            log.exception("answer checks of %s failed", key)
+            return None
+        if counts is not None:
+            for listener in self.on_check:
+                listener(counts)
+        return counts
 
     def _abandoned(self, key: str) -> bool:
         """A task in training whose lease is gone or expired: nobody is training it any more.
@@ -299,6 +318,10 @@ class Scheduler:
         assert policy.student is not None
         tp = policy.for_task(key)
         base_model = policy.student.base_model
+        if tp.validate_answers is not None:
+            # Every answer the dataset may take is checked first (a bounded pass at a time).
+            while (counts := self.check_answers(policy, key, limit=500)) is not None and counts.checked:
+                pass
         started = time.perf_counter()
         try:
             config = FinetuneConfig.from_policy(tp.train, **self.finetune_overrides)

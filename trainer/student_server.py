@@ -473,6 +473,7 @@ def create_student_app(
     device: str = "auto",
     max_lora_rank: int = 64,
     max_model_len: int | None = None,
+    max_batch: int = 32,
 ) -> Litestar:
     """The student server for ``base_model`` (hub id, local path, or already loaded ``StudentModels``).
 
@@ -488,12 +489,16 @@ def create_student_app(
             device=device,
             max_lora_rank=max_lora_rank,
             max_model_len=max_model_len,
+            max_batch=max_batch,
         )
     )
     for name, path in (adapters or {}).items():
         models.load(name, path)
+    owned = not isinstance(base_model, StudentModels)
     app = Litestar(
         route_handlers=[chat_completions, list_models, load_lora_adapter, unload_lora_adapter, health],
+        # Models built here stop their decode loop with the app; models passed in stay the caller's.
+        on_shutdown=[models.close] if owned else [],
         exception_handlers={
             StudentHTTPError: _on_student_error,
             HTTPException: _on_http_error,

@@ -45,6 +45,8 @@ class RecordView(msgspec.Struct, kw_only=True):
     cache_hit: bool
     feedback: dict[str, Any] | None
     shadow: dict[str, Any] | None
+    redacted: bool | None = None
+    """Redaction replaced something in this record's content (``gateway.redaction``)."""
 
 
 def _view(row: Record) -> RecordView:

@@ -108,7 +108,11 @@ def test_production_render_has_hpa_cronjobs_and_operator_objects(production_rend
     # The HPA owns the replica count.
     assert "replicas" not in production_render.get("Deployment", f"{FULLNAME}-gateway")["spec"]
     cronjobs = {c["metadata"]["name"]: c for c in production_render.all("CronJob")}
-    assert set(cronjobs) == {f"{FULLNAME}-train-classify-email", f"{FULLNAME}-train-extract-ade"}
+    assert set(cronjobs) == {
+        f"{FULLNAME}-train-classify-email",
+        f"{FULLNAME}-train-extract-ade",
+        f"{FULLNAME}-prune",
+    }
     assert cronjobs[f"{FULLNAME}-train-extract-ade"]["spec"]["suspend"] is True
     assert production_render.kinds() >= OPERATOR_KINDS | {"Ingress"}
 
@@ -238,7 +242,7 @@ def test_adapters_volume_is_shared_at_one_path(production_render: Rendered) -> N
     holders = [
         production_render.get("Deployment", f"{FULLNAME}-worker"),
         production_render.get("Deployment", f"{FULLNAME}-vllm"),
-        *production_render.all("CronJob"),
+        *(c for c in production_render.all("CronJob") if c["metadata"]["name"] != f"{FULLNAME}-prune"),
     ]
     paths = {mount_path(obj, container(obj), claim) for obj in holders}
     assert paths == {ADAPTERS}
@@ -436,6 +440,7 @@ def test_lint_reports_no_errors() -> None:
         ("Deployment", f"{FULLNAME}-gateway", "serve"),
         ("Deployment", f"{FULLNAME}-worker", "worker"),
         ("CronJob", f"{FULLNAME}-train-classify-email", "train"),
+        ("CronJob", f"{FULLNAME}-prune", "db prune"),
         ("Job", f"{FULLNAME}-migrate", "db upgrade"),
     ],
 )

@@ -25,7 +25,7 @@ from pydantic import SecretStr
 
 from demo.teacher import ScriptedTeacher, last_user_text
 from gateway.app import ServingParts, create_app
-from gateway.auth import create_key
+from gateway.keys import create_key
 from gateway.settings import AuthSettings, RecorderSettings, Settings
 from gateway.store.models import Stage
 from router.decide import StudentEnvelope, estimate_prompt_tokens

@@ -114,11 +114,14 @@ def check_against_reference(models: StudentModels, name: str, email: str, result
 
 
 def test_concurrent_requests_share_decode_steps_and_match_unbatched_greedy(models: StudentModels) -> None:
-    before = models.stats.steps, models.stats.rows
+    before = models.stats.steps, models.stats.rows, models.stats.prefix_tokens
     results = submit_together(models, [("tiny-base", e) for e in EMAILS], GREEDY)
     steps, rows = models.stats.steps - before[0], models.stats.rows - before[1]
     assert rows > steps  # more than one sequence per forward: the requests were batched
     assert models.stats.max_batch >= 2
+    # The shared system prompt was computed once, then taken from the prefix cache.
+    shared = len(models.prompt_ids("tiny-base", [{"role": "system", "content": INTENT_SYSTEM}], None))
+    assert models.stats.prefix_tokens - before[2] >= (len(EMAILS) - 1) * (shared - 8)
     for email, result in zip(EMAILS, results, strict=True):
         check_against_reference(models, "tiny-base", email, result)
 
