@@ -205,7 +205,7 @@ class TaskView:
     needed: int
     """Records the policy wants before the first training."""
     pairs: int
-    """Scored shadow / canary / audit pairs of the current adapter."""
+    """Scored pairs of the current adapter since the task entered its stage."""
     passed: int
     min_samples: int
     student_share: float
@@ -254,8 +254,11 @@ def _views(db: Any, policy: Any, recipe: DemoRecipe) -> list[TaskView]:
             pairs = passed = 0
             if task.adapter is not None:
                 rows = session.exec(
+                    # Each stage (and canary step) earns its own evidence: count what the gate counts.
                     select(ShadowPair.passed).where(
-                        ShadowPair.task == task.key, ShadowPair.adapter == task.adapter
+                        ShadowPair.task == task.key,
+                        ShadowPair.adapter == task.adapter,
+                        col(ShadowPair.created_at) >= task.updated_at,
                     )
                 ).all()
                 pairs, passed = len(rows), sum(1 for ok in rows if ok)
