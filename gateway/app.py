@@ -16,6 +16,7 @@ from gateway import __version__
 from gateway.api import admin, errors, feedback, health, openai
 from gateway.auth import KeyRing
 from gateway.cache import PromptCache
+from gateway.console import console_router
 from gateway.lifespan import (
     Lifespan,
     PolicyReader,
@@ -207,8 +208,16 @@ def create_app(
     ``scheduler`` trains in this process (the caller decides: ``app_from_environment`` passes one
     when ``run_scheduler`` is on)."""
     settings = settings or Settings()
+    admin_key = settings.auth.admin_key.get_secret_value() if settings.auth.admin_key else None
     return Litestar(
-        route_handlers=[*openai.ROUTES, *feedback.ROUTES, *health.ROUTES, admin.router, metrics_endpoint],
+        route_handlers=[
+            *openai.ROUTES,
+            *feedback.ROUTES,
+            *health.ROUTES,
+            admin.router,
+            console_router(admin_key),
+            metrics_endpoint,
+        ],
         lifespan=[serving(settings, policy=policy, scheduler=scheduler)],
         dependencies=dependencies(*PARTS),
         exception_handlers=errors.HANDLERS,

@@ -175,6 +175,15 @@ class KeyRing:
             self._keys.pop(digest, None)
             self._misses[digest] = time.monotonic() + self.refresh_s * 5
 
+    def holds_admin(self, key_id: int) -> bool:
+        """Whether key ``key_id`` is a live admin key as of the last refresh (a console session
+        opened with a key ends when the key is revoked or expires)."""
+        digest = self._hashes.get(key_id)
+        caller = self._keys.get(digest) if digest is not None else None
+        if caller is None or not caller.admin:
+            return False
+        return caller.expires_at is None or caller.expires_at > time.time()
+
     async def start(self) -> None:
         await asyncio.to_thread(self._load_quietly)
         self._task = asyncio.create_task(self._refresh_forever(), name="distillgate-keyring")

@@ -195,3 +195,23 @@ def test_a_student_trained_on_validated_answers_agrees_more_with_the_truth(
         agreement[name] = evaluate_adapter(str(tiny_model), str(out), fresh, scorer="exact").agreement
     assert agreement["validated"] > agreement["everything"], agreement
     db.dispose()
+
+
+def test_the_admin_api_shows_a_tasks_answer_checks(
+    checker: tuple[Checker, ServerThread], tmp_path: Path
+) -> None:
+    from gateway.store.models import Task
+    from router.tasks import task_detail
+
+    _, server = checker
+    db = Database(f"sqlite:///{tmp_path / 'store.db'}")
+    db.create_all()
+    records, wrong = wrong_on_a_share("intent", 20, every=5)
+    add_records(db, records)
+    with db.session() as session:
+        session.add(Task(key="intent"))
+        session.commit()
+    AnswerChecker(db, policy_for(server.url)).run("intent")
+    checks = task_detail(db, "intent").answer_checks
+    assert (checks.checked, checks.passed, checks.failed) == (20, 20 - len(wrong), len(wrong))
+    db.dispose()
