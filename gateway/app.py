@@ -14,6 +14,7 @@ from litestar.openapi import OpenAPIConfig
 
 from gateway import __version__
 from gateway.api import admin, errors, feedback, health, openai
+from gateway.api.openai_schema import document_openai_routes
 from gateway.auth import KeyRing
 from gateway.cache import PromptCache
 from gateway.lifespan import (
@@ -37,6 +38,7 @@ from gateway.recorder import Recorder
 from gateway.settings import Settings
 from gateway.shedding import Admission, LoopLag
 from gateway.store.db import Database
+from gateway.task_limits import TaskLimits
 from gateway.task_table import TaskTable
 from gateway.upstream import Upstreams
 from router.policy import Policy
@@ -95,7 +97,7 @@ async def _serving_parts(
     db = await enter(database(settings))
     store = await enter(live_policy(settings, given))
     policy = policy_reader(store)
-    metrics = Metrics()
+    metrics = Metrics(max_task_labels=settings.tasks.max_task_labels)
     upstreams = await enter(Upstreams(settings.upstream))
     if store is not None:
         upstreams.apply(store.policy)
@@ -103,13 +105,14 @@ async def _serving_parts(
     recorder = await enter(recording(Recorder(db, settings.recorder, metrics, policy)))
     cache = await enter(caching(PromptCache(db)))
     tasks = await enter(TaskTable(db, metrics, policy))
+    limits = TaskLimits(settings.tasks, lambda: tasks.rows, db)
     promoter = Promoter(db, policy)
     promoter.on_transition.append(tasks.gate_moved)
     shadow = ShadowMirror(db, policy, upstreams.ask_student, upstreams.ask_teacher)
     shadow.on_pair.append(
-        lambda p: metrics.shadow_score.labels(p.job.task, p.job.adapter, p.scorer).observe(p.score)
+        lambda p: metrics.child(metrics.shadow_score, p.job.task, p.job.adapter, p.scorer).observe(p.score)
     )
-    shadow.on_drop.append(lambda job: metrics.shadow_dropped.labels(job.task).inc())
+    shadow.on_drop.append(lambda job: metrics.child(metrics.shadow_dropped, job.task).inc())
 
     def gate(batch: list[ScoredPair]) -> None:
         """After shadow pairs are stored: run the gate for the tasks they belong to."""
@@ -133,6 +136,7 @@ async def _serving_parts(
         keys=keys,
         policy=policy,
         tasks=tasks,
+        limits=limits,
         cache=cache,
         upstreams=upstreams,
         recorder=recorder,
@@ -188,6 +192,7 @@ def create_app(
         dependencies=dependencies(*PARTS),
         exception_handlers=errors.HANDLERS,
         openapi_config=OpenAPIConfig(title="distillgate", version=__version__, path="/docs"),
+        on_startup=[document_openai_routes],
         request_max_body_size=settings.max_body_bytes,
         logging_config=None,
     )

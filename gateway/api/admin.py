@@ -60,7 +60,8 @@ def _error(exc: GatewayError) -> Response[bytes]:
 
 
 def _unknown_task(request: Request[Any, Any, Any], _: UnknownTask) -> Response[bytes]:
-    return _error(NotFound(f"No task '{request.path_params.get('task')}'.", param="task"))
+    name = request.path_params.get("task") or request.query_params.get("task")
+    return _error(NotFound(f"No task '{name}'.", param="task"))
 
 
 def _unknown_adapter(_: Request[Any, Any, Any], exc: UnknownAdapter) -> Response[bytes]:
@@ -99,12 +100,13 @@ async def flush_recorder(recorder: Recorder) -> FlushResult:
 async def list_records(
     db: Database, task: str | None = None, limit: int = Parameter(default=50, ge=1, le=1000)
 ) -> RecordList:
+    task = tasks.stored_name(task) if task is not None else None
     return RecordList(data=await asyncio.to_thread(recent_records, db, task=task, limit=limit))
 
 
 @get("/records/{record_id:str}", summary="One record")
 async def get_record(db: Database, record_id: str) -> RecordView:
-    found = await asyncio.to_thread(record, db, record_id)
+    found = await asyncio.to_thread(record, db, tasks.stored_name(record_id, "record_id"))
     if found is None:
         raise NotFound(f"No record with id '{record_id}'.", param="record_id")
     return found

@@ -27,9 +27,7 @@ class FaultRow:
 class FaultTable:
     rows: list[FaultRow] = field(default_factory=list)
 
-    def row(
-        self, fault: str, client_outcome: str, expected: int, found: int, note: str = ""
-    ) -> None:
+    def row(self, fault: str, client_outcome: str, expected: int, found: int, note: str = "") -> None:
         self.rows.append(FaultRow(fault, client_outcome, expected, found, note))
 
     def markdown(self) -> str:
@@ -38,9 +36,7 @@ class FaultTable:
             "|---|---|---|---|---|",
         ]
         for r in self.rows:
-            lines.append(
-                f"| {r.fault} | {r.client_outcome} | {r.expected} | {r.found} | {r.note} |"
-            )
+            lines.append(f"| {r.fault} | {r.client_outcome} | {r.expected} | {r.found} | {r.note} |")
         return "\n".join(lines) + "\n"
 
 
