@@ -19,7 +19,7 @@ from tests.servers import fresh_postgres_database
 
 pytestmark = pytest.mark.postgres
 
-CHAT = {"model": "teacher-large", "messages": [{"role": "user", "content": "hello"}]}
+CHAT: dict[str, object] = {"model": "teacher-large", "messages": [{"role": "user", "content": "hello"}]}
 
 
 @pytest.fixture
