@@ -206,6 +206,30 @@ def start_targets(
             except BaseException:
                 db.drop()
                 raise
+    if args.baseline_src:
+        # The same gateway at another commit, started beside this one and interleaved with it in
+        # every phase: a before/after comparison whose drift hits both alike.
+        base_common = {**dg_common, "source": Path(args.baseline_src)}
+        if "dg-sqlite" in wanted:
+            db = stack.BenchDatabase.sqlite(workdir / "dg-sqlite-base.db")
+            keep(
+                "dg-sqlite@base",
+                stack.start_distillgate(workdir, "dg-sqlite-base", upstream, db, **base_common),
+            )
+        if "dg-pg" in wanted:
+            try:
+                db = stack.BenchDatabase.fresh_postgres(args.pg_url)
+            except Exception as exc:
+                notes.append(f"PostgreSQL baseline skipped: {type(exc).__name__}: {exc}")
+            else:
+                try:
+                    keep(
+                        "dg-pg@base",
+                        stack.start_distillgate(workdir, "dg-pg-base", upstream, db, **base_common),
+                    )
+                except BaseException:
+                    db.drop()
+                    raise
     if "litellm" in wanted:
         exe = stack.litellm_venv(Path(args.litellm_venv), args.install_litellm)
         if exe is None:
@@ -223,8 +247,8 @@ def start_targets(
     plain, streamed = lg.chat_body(), lg.chat_body(stream=True)
     if "direct" in wanted:
         targets.append(Target("direct", upstream, plain, streamed))
-    for name in ("forwarder", "dg-sqlite", "dg-pg"):
-        if name in servers and name in wanted:
+    for name in ("forwarder", "dg-sqlite", "dg-sqlite@base", "dg-pg", "dg-pg@base"):
+        if name in servers and name.split("@")[0] in wanted:
             targets.append(Target(name, servers[name], plain, streamed))
     if "dg-cache" in wanted and "dg-pg" in servers:
         cache = Target(
@@ -953,6 +977,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--gateway-src",
         metavar="DIR",
         help="run gateway/ and router/ from DIR (e.g. `git archive HEAD gateway router | tar -x -C DIR`)",
+    )
+    p.add_argument(
+        "--baseline-src",
+        metavar="DIR",
+        help="also run the gateway from DIR (another commit: `git archive REF gateway router trainer demo | "
+        "tar -x -C DIR`) as dg-sqlite@base / dg-pg@base, interleaved with the current one in every phase",
     )
     p.add_argument(
         "--pg-url", default=stack.PG_ADMIN_URL, help="PostgreSQL URL used to create a fresh database"

@@ -108,6 +108,15 @@ class ScriptedTeacher:
         return default_answer(body)
 
 
+def _canonical(body: dict[str, Any]) -> bytes:
+    """The body's bytes with sorted keys, for a deterministic id; bodies orjson cannot write
+    (nested past its 254 levels, as a real API accepts them) by their messages alone."""
+    try:
+        return orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
+    except TypeError:
+        return orjson.dumps(body.get("messages"), option=orjson.OPT_SORT_KEYS, default=str)
+
+
 def _error(
     status: int, message: str, type_: str = "invalid_request_error", code: str | None = None
 ) -> Response[bytes]:
@@ -165,7 +174,7 @@ def create_teacher_app(teacher: ScriptedTeacher | None = None) -> Litestar:
             "total_tokens": prompt_tokens + completion_tokens * n,
             "prompt_tokens_details": {"cached_tokens": int(prompt_tokens * state.cached_ratio)},
         }
-        rid = "chatcmpl-" + hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()[:24]
+        rid = "chatcmpl-" + hashlib.sha256(_canonical(body)).hexdigest()[:24]
         created = int(time.time())
         model = body.get("model") or state.model
         logprobs = None

@@ -200,7 +200,9 @@ def create_app(
 
 def app_from_environment() -> Litestar:
     """Factory for ``uvicorn --factory`` (each worker builds its app from ``DISTILLGATE_CONFIG``)."""
+    from gateway.logs import configure_logging
     from gateway.settings import load_settings
 
     settings = load_settings(os.environ.get("DISTILLGATE_CONFIG"))
+    configure_logging(settings.log_level, settings.log_format)  # each worker process, too
     return create_app(settings, scheduler=training_scheduler(settings) if settings.run_scheduler else None)

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from gateway.cli_options import ConfigOpt, JsonOpt, print_json, settings_from
+from gateway.logs import configure_logging
 
 app = typer.Typer(
     name="distillgate",
@@ -40,6 +41,7 @@ def serve(
     import uvicorn
 
     settings = settings_from(config, host=host, port=port, workers=workers)
+    configure_logging(settings.log_level, settings.log_format)
     if config is not None:
         os.environ["DISTILLGATE_CONFIG"] = str(config.resolve())
     for key, value in (("host", host), ("port", port), ("workers", workers)):
@@ -60,6 +62,7 @@ def serve(
         loop="uvloop",
         http="httptools",
         log_level=settings.log_level.lower(),
+        log_config=None,  # uvicorn's loggers propagate to the process's handler (gateway/logs.py)
         access_log=False,
         timeout_graceful_shutdown=int(settings.shutdown_grace_s),
         timeout_keep_alive=30,

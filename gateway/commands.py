@@ -13,6 +13,7 @@ from rich.table import Table
 
 from gateway.cli import exit_cleanly
 from gateway.cli_options import ConfigOpt, JsonOpt, settings_from
+from gateway.logs import configure_logging
 from router.policy import parse_duration
 
 console = Console()
@@ -29,12 +30,14 @@ def register(app: typer.Typer) -> None:
         from gateway.worker import create_worker_app
 
         settings = settings_from(config, worker_port=port)
+        configure_logging(settings.log_level, settings.log_format)
         signal.signal(signal.SIGTERM, exit_cleanly)
         uvicorn.run(
             create_worker_app(settings),
             host=settings.host,
             port=settings.worker_port,
             log_level=settings.log_level.lower(),
+            log_config=None,
             access_log=False,
         )
 

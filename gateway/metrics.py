@@ -146,13 +146,46 @@ class Metrics:
             p + "recorder_spooled", "Records written to the spool file.", registry=r
         )
         self.recorder_dropped = Counter(
-            p + "recorder_dropped", "Records lost (spool unwritable).", registry=r
+            p + "recorder_dropped",
+            "Records lost, by reason (queue_full, shutdown, quarantine_unwritable, redaction_failed).",
+            ["reason"],
+            registry=r,
         )
+        self.recorder_replayed = Counter(
+            p + "recorder_replayed", "Spooled records written to the database.", registry=r
+        )
+        self.recorder_quarantined = Counter(
+            p + "recorder_quarantined",
+            "Records no store accepted, kept alone under <spool_dir>/quarantine/.",
+            registry=r,
+        )
+        self.recorder_restarts = Counter(
+            p + "recorder_restarts", "Recorder threads that died and were restarted.", ["thread"], registry=r
+        )
+        self.recorder_spool_errors = Counter(
+            p + "recorder_spool_errors",
+            "Failed spool writes, by errno (ENOSPC, EROFS, ...).",
+            ["kind"],
+            registry=r,
+        )
+        self.recorder_spool_writable = Gauge(
+            p + "recorder_spool_writable",
+            "1 while the spool directory takes writes, 0 after a write failed (until one succeeds).",
+            registry=r,
+            multiprocess_mode="livemin",
+        )
+        self.recorder_spool_writable.set(1)
         self.training_runs = Counter(
             p + "training_runs", "Training runs by outcome.", ["task", "status"], registry=r
         )
         self.upstream_errors = Counter(
             p + "upstream_errors", "Failed upstream calls by target and kind.", ["target", "kind"], registry=r
+        )
+        self.soft_label_captures = Counter(
+            p + "soft_label_captures",
+            "Teacher answers asked for top-k logprobs on the client's behalf (soft labels).",
+            ["task"],
+            registry=r,
         )
         self.shadow_dropped = Counter(
             p + "shadow_dropped", "Shadow calls dropped under pressure.", ["task"], registry=r

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import orjson
 
-from gateway import sse
+from gateway import soft_labels, sse
 from gateway.auth import Caller, KeyRing
 from gateway.cache import PromptCache, cache_directive, cache_key, is_cacheable
 from gateway.errors import UpstreamError, error_bytes
@@ -112,6 +112,8 @@ class Call:
     cache_ttl_s: float = 0.0
     cache_max_bytes: int = 0
     decision: RouteDecision | None = None
+    soft_top_k: int | None = None
+    """Top-k logprobs asked of the teacher for soft labels, stripped before the client sees them."""
 
     def to_exchange(
         self,
@@ -233,6 +235,7 @@ class Pipeline:
             # The student failed before a byte reached the client: the teacher answers, and
             # no pair is made of this request.
             call.decision = None
+        call.soft_top_k = self._soft_labels(call)
         return await self._forward(call, teacher, include_usage=include_usage)
 
     async def completions(self, raw: bytes, headers: Mapping[str, str]) -> Reply:
@@ -410,6 +413,17 @@ class Pipeline:
 
         self._in_background(assemble())
 
+    def _soft_labels(self, call: Call) -> int | None:
+        """The top-k to capture on this teacher call (None: none), per the task's policy."""
+        policy = self.policy()
+        if policy is None or not call.stored:
+            return None
+        settings = policy.for_task(call.task).soft_labels
+        top_k = soft_labels.capture_top_k(call.body, call.endpoint, settings.rate, settings.top_k)
+        if top_k is not None:
+            self.metrics.child(self.metrics.soft_label_captures, call.task).inc()
+        return top_k
+
     # -- upstreams ---------------------------------------------------------------------------
     def headers_for(self, call: Call, target: Target) -> dict[str, str]:
         return {
@@ -420,13 +434,14 @@ class Pipeline:
 
     def _payload(self, call: Call, include_usage: bool, model: str | None = None) -> tuple[bytes, bool]:
         """The body to send upstream, and whether to strip the usage chunk we asked for."""
+        base = call.body if call.soft_top_k is None else soft_labels.with_logprobs(call.body, call.soft_top_k)
         if not call.stream or include_usage or call.endpoint == "embeddings":
-            if model is None:
+            if model is None and call.soft_top_k is None:
                 return call.raw, False
-            return orjson.dumps({**call.body, "model": model}), False
+            return orjson.dumps(base if model is None else {**base, "model": model}), False
         # Ask for the usage chunk so cost is known, and drop it before the client sees it.
         body = {
-            **call.body,
+            **base,
             "stream_options": {**(call.body.get("stream_options") or {}), "include_usage": True},
         }
         if model is not None:
@@ -461,6 +476,11 @@ class Pipeline:
         if answer.status >= 400:
             data = _as_openai_error(data, answer.status, TEACHER)
             self.metrics.upstream_errors.labels("teacher", f"http_{answer.status}").inc()
+        elif call.soft_top_k is not None:
+            # The record keeps the teacher's logprobs; the client gets the answer it asked for.
+            return self._whole(
+                call, answer, TEACHER, upstream_started, soft_labels.strip_json(data), recorded=data
+            )
         return self._whole(call, answer, TEACHER, upstream_started, data)
 
     async def _try_student(
@@ -511,14 +531,30 @@ class Pipeline:
         return headers
 
     def _whole(
-        self, call: Call, answer: UpstreamAnswer, target: Target, upstream_started: float, data: bytes
+        self,
+        call: Call,
+        answer: UpstreamAnswer,
+        target: Target,
+        upstream_started: float,
+        data: bytes,
+        *,
+        recorded: bytes | None = None,
     ) -> Reply:
-        """A whole answer: finished at once, then sent as it came."""
+        """A whole answer: finished at once, then sent as it came (``recorded``: what the record
+        keeps when it differs from what the client gets)."""
         headers = self._reply_headers(call, target)  # before the finish step settles the cache
         if answer.status >= 429:
             _pass_retry_headers(answer, headers)
         now = time.perf_counter()
-        self._finish(call, target, answer.status, now - call.started, now - upstream_started, answer=data)
+        self._finish(
+            call,
+            target,
+            answer.status,
+            now - call.started,
+            now - upstream_started,
+            answer=data,
+            recorded=recorded,
+        )
         return Reply(answer.status, headers, data)
 
     def _stream(
@@ -552,6 +588,7 @@ class Pipeline:
     ) -> AsyncIterator[bytes]:
         """Pass the stream on (less the usage chunk asked for on the client's behalf), telling a
         complete stream from a cut one; ``_finish_stream`` runs when it ends, however it ends."""
+        strip_logprobs = soft_labels.strip_sse if call.soft_top_k is not None else None
         received: list[bytes] = []
         first: float | None = time.perf_counter() if first_chunk is not None else None
         status, error = answer.status, None
@@ -571,7 +608,7 @@ class Pipeline:
                 if first is None:
                     first = time.perf_counter()
                 received.append(chunk)
-                if not strip_usage:
+                if not strip_usage and strip_logprobs is None:
                     yield chunk
                     sent = (sent[1], chunk)
                     continue
@@ -580,7 +617,9 @@ class Pipeline:
                 if cut < 0:
                     continue
                 ready, pending = pending[: cut + 2], pending[cut + 2 :]
-                out = _drop_usage_events(ready)
+                out = _drop_usage_events(ready) if strip_usage else ready
+                if strip_logprobs is not None:
+                    out = strip_logprobs(out)
                 if out:
                     yield out
                     sent = (sent[1], out)
@@ -617,8 +656,20 @@ class Pipeline:
         waited = (first or now) - upstream_started
         ttft = None if first is None else first - call.started
         raw = b"".join(received)
+        # With soft labels captured the record keeps the teacher's stream; the cache and the pair
+        # get what the client got.
+        sent = soft_labels.strip_sse(raw) if call.soft_top_k is not None else raw
         self._finish(
-            call, target, status, now - call.started, waited, answer=raw, stream=True, ttft=ttft, error=error
+            call,
+            target,
+            status,
+            now - call.started,
+            waited,
+            answer=sent,
+            recorded=None if sent is raw else raw,
+            stream=True,
+            ttft=ttft,
+            error=error,
         )
 
     # -- the finish step ---------------------------------------------------------------------
@@ -631,6 +682,7 @@ class Pipeline:
         waited: float,
         *,
         answer: bytes | None = None,
+        recorded: bytes | None = None,
         response: dict[str, Any] | None = None,
         stream: bool = False,
         ttft: float | None = None,
@@ -646,7 +698,7 @@ class Pipeline:
                 target,
                 status,
                 latency,
-                body=answer,
+                body=answer if recorded is None else recorded,
                 response=response,
                 ttft_s=ttft,
                 error=error,

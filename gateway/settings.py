@@ -7,7 +7,7 @@ Routing behaviour (teacher, student, prices, per-task rules) lives in the policy
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, Field, SecretStr
@@ -34,7 +34,9 @@ class RecorderSettings(BaseModel):
     """The batched writer that stores one record per request off the request path."""
 
     queue_size: int = 50_000
-    """Records waiting in memory; past this they go straight to the spool file (never dropped silently)."""
+    """Records waiting in memory. The request path never writes to disk: past this many, while
+    neither the database nor the spool takes records, new records are dropped and counted
+    (``recorder_dropped_total{reason="queue_full"}``, one WARNING line per episode)."""
     batch_size: int = 500
     """Most records written in one transaction."""
     flush_interval_s: float = 0.02
@@ -43,7 +45,10 @@ class RecorderSettings(BaseModel):
     spool_dir: Path = Path("./spool")
     """Where records go (JSONL) while the database is unreachable; replayed when it is back."""
     retry_interval_s: float = 2.0
-    """How often a down database is probed before the spool is replayed."""
+    """How often a down database, or an unwritable spool, is tried again."""
+    stall_s: float = 2.0
+    """Longest a database write may take: past it the connection is cut and its records go to the
+    spool (a stalled database, connection open and nothing answered, never fails on its own)."""
 
 
 class UpstreamSettings(BaseModel):
@@ -117,6 +122,9 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = 25.0
     """On SIGTERM: stop accepting, give in-flight requests and streams this long, then flush the recorder."""
     log_level: str = "INFO"
+    """Level of every logger in the process (the gateway's own and uvicorn's)."""
+    log_format: Literal["text", "json"] = "text"
+    """``text``: ``<UTC time> <LEVEL> <logger>: <message>``; ``json``: one object a line."""
     run_scheduler: bool = True
     """Run the training scheduler inside the gateway process (one machine). Off when a
     separate ``distillgate worker`` does it."""

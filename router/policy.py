@@ -169,6 +169,35 @@ class AuditPolicy(_Strict):
     """One-sided confidence of the upper bound that must fall below ``rollback_below``."""
 
 
+class SoftLabelPolicy(_Strict):
+    """Soft labels captured live: the teacher's top-k logprobs asked for on a sampled share of
+    the requests that did not ask for them (stripped from what the client gets), and learnt from
+    by a KD term in training."""
+
+    rate: float = Field(0.0, ge=0.0, le=1.0)
+    """Share of the task's teacher requests captured; 0 turns capture off."""
+    top_k: int = Field(5, ge=1, le=20)
+    """Alternatives per answer token (OpenAI allows up to 20)."""
+    weight: float = Field(0.5, ge=0.0, le=1.0)
+    """The KL term's share of the loss on tokens with soft labels (the rest is cross-entropy)."""
+
+
+class ValidatePolicy(_Strict):
+    """Teacher answers scored by a second model before they become training data."""
+
+    model: str | None = None
+    """The checking model; the teacher's own model when unset."""
+    base_url: str | None = None
+    """Its OpenAI-compatible endpoint; the teacher's when unset."""
+    api_key_env: str | None = None
+    """The environment variable holding its key; the teacher's key when unset."""
+    rate: float = Field(1.0, ge=0.0, le=1.0)
+    """Share of the task's records validated (the rest enter datasets unchecked)."""
+    min_score: float = Field(0.5, ge=0.0, le=1.0)
+    """Answers scored below this are kept, marked, and left out of training."""
+    max_concurrency: int = Field(4, ge=1)
+
+
 class TaskPolicy(_Strict):
     """A task's resolved settings (defaults merged with its overrides)."""
 
@@ -180,6 +209,9 @@ class TaskPolicy(_Strict):
     audit: AuditPolicy = Field(default_factory=AuditPolicy)
     distill: bool = True
     """``false`` keeps the task on the teacher for good (it is still recorded and cached)."""
+    soft_labels: SoftLabelPolicy = Field(default_factory=SoftLabelPolicy)
+    validate_answers: ValidatePolicy | None = Field(None, alias="validate")
+    """``validate:`` in the file; off when absent."""
 
     @field_validator("canary")
     @classmethod

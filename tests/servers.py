@@ -115,7 +115,8 @@ def flush(gateway_url: str, admin_key: str) -> None:
 
 
 class TcpProxy:
-    """A loopback TCP relay we can cut and restore: a database that goes away and comes back."""
+    """A loopback TCP relay we can cut and restore, or stall and resume: a database that goes away
+    (or stops answering) and comes back."""
 
     def __init__(self, target_port: int, port: int | None = None) -> None:
         self.target_port = target_port
@@ -124,11 +125,14 @@ class TcpProxy:
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.server: asyncio.base_events.Server | None = None
         self.writers: set[asyncio.StreamWriter] = set()
+        self.flowing = asyncio.Event()
+        self.flowing.set()
         self.thread.start()
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while data := await reader.read(65536):
+                await self.flowing.wait()
                 writer.write(data)
                 await writer.drain()
         except (ConnectionError, OSError):
@@ -165,6 +169,15 @@ class TcpProxy:
         """Refuse new connections and break every open one."""
         asyncio.run_coroutine_threadsafe(self._stop(), self.loop).result(10)
 
+    def stall(self) -> None:
+        """Keep every connection open and accept new ones, but pass no byte on: a stalled database."""
+        self.loop.call_soon_threadsafe(self.flowing.clear)
+
+    def resume(self) -> None:
+        """Pass bytes on again, the held ones first."""
+        self.loop.call_soon_threadsafe(self.flowing.set)
+
     def close(self) -> None:
+        self.resume()
         self.cut()
         self.loop.call_soon_threadsafe(self.loop.stop)

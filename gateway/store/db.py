@@ -32,7 +32,14 @@ def normalise_url(url: str) -> str:
 class Database:
     """One engine per process, shared by the recorder, cache, admin API and trainer."""
 
-    def __init__(self, url: str, *, pool_size: int = 10, connect_timeout_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        pool_size: int = 10,
+        connect_timeout_s: float = 5.0,
+        statement_timeout_s: float | None = None,
+    ) -> None:
         self.url = normalise_url(url)
         parsed = make_url(self.url)
         self.dialect = parsed.get_backend_name()
@@ -49,7 +56,9 @@ class Database:
         else:
             kwargs["pool_size"] = pool_size
             kwargs["max_overflow"] = pool_size
-            kwargs["connect_args"] = {"connect_timeout": max(1, int(connect_timeout_s))}
+            kwargs["connect_args"] = {"connect_timeout": max(1, round(connect_timeout_s))}
+            if statement_timeout_s is not None:
+                kwargs["connect_args"]["options"] = f"-c statement_timeout={int(statement_timeout_s * 1000)}"
         self.engine: Engine = create_engine(self.url, **kwargs)
         if self.dialect == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
