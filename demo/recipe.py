@@ -63,7 +63,7 @@ def demo_recipe(*, quick: bool = False) -> DemoRecipe:
         "schedule": "1h",  # one verdict per task within a demo; production retrains as data grows
         "epochs": 8.0,
         "learning_rate": 2e-3,
-        "batch_size": 16,
+        "batch_tokens": 4096,
         "max_seq_len": 256,
         "min_offline_score": 0.9,
         "max_completion_tokens": 96,

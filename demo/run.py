@@ -156,7 +156,7 @@ def run_demo(
 
     from demo.teacher import ScriptedTeacher, create_teacher_app
     from gateway.app import ServingParts, create_app
-    from gateway.auth import create_key
+    from gateway.keys import create_key
     from gateway.settings import RecorderSettings, Settings
     from gateway.store.db import Database
     from router.policy import Policy, parse_policy

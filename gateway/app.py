@@ -17,6 +17,7 @@ from gateway.api import admin, errors, feedback, health, openai
 from gateway.api.openai_schema import document_openai_routes
 from gateway.auth import KeyRing
 from gateway.cache import PromptCache
+from gateway.console import console_router
 from gateway.lifespan import (
     Lifespan,
     PolicyReader,
@@ -32,13 +33,16 @@ from gateway.lifespan import (
     training,
     training_scheduler,
 )
+from gateway.limits import Limiter
 from gateway.metrics import CONTENT_TYPE, Metrics
 from gateway.pipeline import Pipeline
 from gateway.recorder import Recorder
+from gateway.redaction import Redactor
+from gateway.retention import Pruner
 from gateway.settings import Settings
 from gateway.shedding import Admission, LoopLag
 from gateway.store.db import Database
-from gateway.task_limits import TaskLimits
+from gateway.task_limits import TaskCaps
 from gateway.task_table import TaskTable
 from gateway.upstream import Upstreams
 from router.policy import Policy
@@ -67,6 +71,8 @@ class ServingParts:
     shadow: ShadowMirror
     scheduler: Scheduler | None
     keys: KeyRing
+    limits: Limiter
+    pruner: Pruner
     loop_lag: LoopLag
     admission: Admission
     pipeline: Pipeline
@@ -98,17 +104,20 @@ async def _serving_parts(
     store = await enter(live_policy(settings, given))
     policy = policy_reader(store)
     metrics = Metrics(max_task_labels=settings.tasks.max_task_labels)
+    redactor = Redactor(policy, metrics)
     upstreams = await enter(Upstreams(settings.upstream))
     if store is not None:
         upstreams.apply(store.policy)
         store.on_reload(upstreams.apply)
-    recorder = await enter(recording(Recorder(db, settings.recorder, metrics, policy)))
+    recorder = await enter(recording(Recorder(db, settings.recorder, metrics, policy, redact=redactor.row)))
     cache = await enter(caching(PromptCache(db)))
+    cache.keeps_out = redactor.finds
     tasks = await enter(TaskTable(db, metrics, policy))
-    limits = TaskLimits(settings.tasks, lambda: tasks.rows, db)
+    task_caps = TaskCaps(settings.tasks, lambda: tasks.rows, db)
     promoter = Promoter(db, policy)
     promoter.on_transition.append(tasks.gate_moved)
     shadow = ShadowMirror(db, policy, upstreams.ask_student, upstreams.ask_teacher)
+    shadow.redact = redactor.value
     shadow.on_pair.append(
         lambda p: metrics.child(metrics.shadow_score, p.job.task, p.job.adapter, p.scorer).observe(p.score)
     )
@@ -123,6 +132,9 @@ async def _serving_parts(
     trainer = await enter(training(scheduler, db, policy, tasks, metrics))
     admin_key = settings.auth.admin_key.get_secret_value() if settings.auth.admin_key else None
     keys = await enter(running(KeyRing(db, admin_key=admin_key, required=settings.auth.required)))
+    limits = await enter(running(Limiter(db)))
+    recorder.listeners.append(limits.charge_rows)
+    pruner = await enter(running(Pruner(db, policy, settings.retention)))
     loop_lag = await enter(running(LoopLag()))
     admission = await enter(
         Admission(
@@ -136,7 +148,7 @@ async def _serving_parts(
         keys=keys,
         policy=policy,
         tasks=tasks,
-        limits=limits,
+        task_caps=task_caps,
         cache=cache,
         upstreams=upstreams,
         recorder=recorder,
@@ -144,6 +156,7 @@ async def _serving_parts(
         promoter=promoter,
         metrics=metrics,
         max_body_bytes=settings.max_body_bytes,
+        limits=limits,
     )
     return ServingParts(
         settings=settings,
@@ -159,6 +172,8 @@ async def _serving_parts(
         shadow=shadow,
         scheduler=trainer,
         keys=keys,
+        limits=limits,
+        pruner=pruner,
         loop_lag=loop_lag,
         admission=admission,
         pipeline=pipeline,
@@ -172,7 +187,18 @@ async def metrics_endpoint(metrics: Metrics, recorder: Recorder, admission: Admi
     return Response(content=metrics.render(), media_type=CONTENT_TYPE)
 
 
-PARTS = ("db", "metrics", "policy_store", "upstreams", "recorder", "tasks", "keys", "admission", "pipeline")
+PARTS = (
+    "db",
+    "metrics",
+    "policy_store",
+    "upstreams",
+    "recorder",
+    "tasks",
+    "keys",
+    "limits",
+    "admission",
+    "pipeline",
+)
 """The parts handlers may ask for by name (``gateway.lifespan.ServingParts``)."""
 
 
@@ -186,8 +212,16 @@ def create_app(
     ``scheduler`` trains in this process (the caller decides: ``app_from_environment`` passes one
     when ``run_scheduler`` is on)."""
     settings = settings or Settings()
+    admin_key = settings.auth.admin_key.get_secret_value() if settings.auth.admin_key else None
     return Litestar(
-        route_handlers=[*openai.ROUTES, *feedback.ROUTES, *health.ROUTES, admin.router, metrics_endpoint],
+        route_handlers=[
+            *openai.ROUTES,
+            *feedback.ROUTES,
+            *health.ROUTES,
+            admin.router,
+            console_router(admin_key),
+            metrics_endpoint,
+        ],
         lifespan=[serving(settings, policy=policy, scheduler=scheduler)],
         dependencies=dependencies(*PARTS),
         exception_handlers=errors.HANDLERS,

@@ -1,8 +1,10 @@
 """Gateway API keys: generated once, stored as SHA-256, checked against an in-memory key ring.
 
 Keys are 256-bit random tokens, so a fast hash is enough (no password stretching needed) and
-lets every request be checked without a database round trip; the ring refreshes in the
-background and looks a key up once on a miss (negative answers are remembered briefly). Only
+lets every request be checked without a database round trip; the ring re-reads the keys changed
+lately every ``refresh_s`` (1 s: the bound on how long a key revoked on another replica still
+works, plus one query), evicts a key revoked here at once (``evict``), and looks a key up once on
+a miss (negative answers are remembered briefly). Only
 tokens shaped like our keys are looked up, at most ``MISS_LOOKUPS_PER_S`` a second: a flood of
 made-up keys costs the database nothing (a key created moments ago is found by the next refresh).
 """
@@ -15,8 +17,10 @@ import hmac
 import secrets
 import time
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 
-from sqlmodel import select
+import msgspec
+from sqlmodel import col, select
 
 from gateway.errors import AuthenticationFailed, PermissionDenied
 from gateway.store.db import Database
@@ -35,56 +39,88 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+class TaskLimits(msgspec.Struct, kw_only=True, frozen=True, omit_defaults=True):
+    """Limits of one key for one task (any left out: none)."""
+
+    rpm: int | None = None
+    tpm: int | None = None
+    budget_usd: float | None = None
+
+
+class KeyLimits(msgspec.Struct, kw_only=True, frozen=True):
+    """What ``gateway.limits`` enforces for a key: its own limits and those per task."""
+
+    rpm: int | None = None
+    tpm: int | None = None
+    budget_usd: float | None = None
+    budget_period: str = "month"
+    tasks: dict[str, TaskLimits] = msgspec.field(default_factory=dict)
+
+    @classmethod
+    def of(cls, row: ApiKey) -> KeyLimits | None:
+        per_task = {
+            task: msgspec.convert(value, TaskLimits) for task, value in (row.task_limits or {}).items()
+        }
+        if row.rpm is None and row.tpm is None and row.budget_usd is None and not per_task:
+            return None
+        return cls(
+            rpm=row.rpm,
+            tpm=row.tpm,
+            budget_usd=row.budget_usd,
+            budget_period=row.budget_period,
+            tasks=per_task,
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class Caller:
-    """Who is calling: a key id (None for the admin credential or no-auth mode) and whether admin."""
+    """Who is calling: a key id (None for the admin credential or no-auth mode), whether admin,
+    and what the key may do (its task allow-list, its limits, when it expires)."""
 
     key_id: int | None
     admin: bool
+    tasks: frozenset[str] | None = None
+    """The tasks the key may call; None: any."""
+    limits: KeyLimits | None = None
+    expires_at: float | None = None
+    """Unix time past which the key is refused."""
+
+    @classmethod
+    def of(cls, row: ApiKey) -> Caller:
+        return cls(
+            key_id=row.id,
+            admin=row.admin,
+            tasks=frozenset(row.tasks) if row.tasks is not None else None,
+            limits=KeyLimits.of(row),
+            expires_at=row.expires_at.timestamp() if row.expires_at is not None else None,
+        )
 
 
 ANONYMOUS = Caller(key_id=None, admin=False)
 ADMIN = Caller(key_id=None, admin=True)
 
-
-def create_key(db: Database, name: str, *, admin: bool = False) -> tuple[ApiKey, str]:
-    """Store a new key and return it with its secret, which is never retrievable again."""
-    secret = generate_key()
-    row = ApiKey(name=name, prefix=secret[:10], key_hash=hash_key(secret), admin=admin)
-    with db.session() as session:
-        session.add(row)
-        session.commit()
-        session.refresh(row)
-    return row, secret
-
-
-def revoke_key(db: Database, key_id: int) -> bool:
-    with db.session() as session:
-        row = session.get(ApiKey, key_id)
-        if row is None or row.revoked_at is not None:
-            return False
-        row.revoked_at = utcnow()
-        session.add(row)
-        session.commit()
-        return True
-
-
-def list_keys(db: Database) -> list[ApiKey]:
-    with db.session() as session:
-        return list(session.exec(select(ApiKey).order_by(ApiKey.id)))  # type: ignore[arg-type]
+FULL_RELOAD_S = 60.0
+"""Every so often the ring reloads every key, not only the changed ones (belt and braces)."""
+CHANGE_OVERLAP_S = 5.0
+"""Each incremental read goes back this far before the last one: a change committed late with an
+earlier ``updated_at`` (clocks of replicas, long transactions) is still seen."""
 
 
 class KeyRing:
     """The set of valid key hashes, kept in memory."""
 
     def __init__(
-        self, db: Database, *, admin_key: str | None = None, required: bool = True, refresh_s: float = 5.0
+        self, db: Database, *, admin_key: str | None = None, required: bool = True, refresh_s: float = 1.0
     ) -> None:
         self.db = db
         self.required = required
         """Client routes need a gateway key (``auth.required``); admin routes always need the admin credential."""
         self._admin_hash = hash_key(admin_key) if admin_key else None
         self._keys: dict[str, Caller] = {}
+        self._hashes: dict[int, str] = {}
+        """Key id → hash, to evict a key by id."""
+        self._changed_since: datetime | None = None
+        self._full_at = 0.0
         self._misses: dict[str, float] = {}
         self.refresh_s = refresh_s
         self._inflight: dict[str, asyncio.Future[Caller | None]] = {}
@@ -95,10 +131,58 @@ class KeyRing:
         self._task: asyncio.Task[None] | None = None
 
     def load(self) -> None:
+        """Every valid key, read anew."""
+        read_at = utcnow()
         with self.db.session() as session:
             rows = session.exec(select(ApiKey).where(ApiKey.revoked_at == None)).all()  # noqa: E711
-        self._keys = {row.key_hash: Caller(row.id, row.admin) for row in rows}
+        keys, hashes = {}, {}
+        for row in rows:
+            if row.id is not None:
+                keys[row.key_hash], hashes[row.id] = Caller.of(row), row.key_hash
+        self._keys, self._hashes = keys, hashes
         self._misses.clear()
+        self._changed_since = read_at
+        self._full_at = time.monotonic()
+
+    def refresh(self) -> int:
+        """Re-read the keys changed since the last read (one indexed query on ``updated_at``);
+        a full reload now and then. Returns how many rows were read."""
+        if self._changed_since is None or time.monotonic() - self._full_at > FULL_RELOAD_S:
+            self.load()
+            return len(self._keys)
+        read_at = utcnow()
+        since = self._changed_since - timedelta(seconds=CHANGE_OVERLAP_S)
+        with self.db.session() as session:
+            rows = session.exec(select(ApiKey).where(col(ApiKey.updated_at) >= since)).all()
+        for row in rows:
+            if row.id is None:
+                continue
+            if row.revoked_at is not None:
+                self.evict(row.id)
+                self._hashes.pop(row.id, None)
+                self._keys.pop(row.key_hash, None)
+            else:
+                self._keys[row.key_hash] = Caller.of(row)
+                self._hashes[row.id] = row.key_hash
+                self._misses.pop(row.key_hash, None)
+        self._changed_since = read_at
+        return len(rows)
+
+    def evict(self, key_id: int) -> None:
+        """Forget a key now (the replica that revoked it refuses it from the next request)."""
+        digest = self._hashes.pop(key_id, None)
+        if digest is not None:
+            self._keys.pop(digest, None)
+            self._misses[digest] = time.monotonic() + self.refresh_s * 5
+
+    def holds_admin(self, key_id: int) -> bool:
+        """Whether key ``key_id`` is a live admin key as of the last refresh (a console session
+        opened with a key ends when the key is revoked or expires)."""
+        digest = self._hashes.get(key_id)
+        caller = self._keys.get(digest) if digest is not None else None
+        if caller is None or not caller.admin:
+            return False
+        return caller.expires_at is None or caller.expires_at > time.time()
 
     async def start(self) -> None:
         await asyncio.to_thread(self._load_quietly)
@@ -112,12 +196,18 @@ class KeyRing:
     async def _refresh_forever(self) -> None:
         while True:
             await asyncio.sleep(self.refresh_s)
-            await asyncio.to_thread(self._load_quietly)
+            await asyncio.to_thread(self._refresh_quietly)
 
     def _load_quietly(self) -> None:
         # A database outage keeps the last known keys working (the gateway keeps serving).
         try:
             self.load()
+        except Exception:
+            return
+
+    def _refresh_quietly(self) -> None:
+        try:
+            self.refresh()
         except Exception:
             return
 
@@ -149,6 +239,8 @@ class KeyRing:
             return ADMIN
         caller = self._keys.get(digest)
         if caller is not None:
+            if caller.expires_at is not None and time.time() >= caller.expires_at:
+                raise AuthenticationFailed("The API key provided has expired.")
             return caller
         pending = self._inflight.get(digest)
         if pending is not None:  # the same new key, asked for at once: one lookup serves all
@@ -174,6 +266,10 @@ class KeyRing:
             self._misses[digest] = time.monotonic() + self.refresh_s
             raise AuthenticationFailed("Incorrect API key provided.")
         self._keys[digest] = caller
+        if caller.key_id is not None:
+            self._hashes[caller.key_id] = digest
+        if caller.expires_at is not None and time.time() >= caller.expires_at:
+            raise AuthenticationFailed("The API key provided has expired.")
         return caller
 
     async def _look_up_once(self, digest: str) -> Caller | None:
@@ -210,7 +306,7 @@ class KeyRing:
             return None
         if row is None or row.revoked_at is not None:
             return None
-        return Caller(row.id, row.admin)
+        return Caller.of(row)
 
 
 def require_admin(caller: Caller) -> None:

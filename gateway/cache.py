@@ -11,7 +11,7 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -73,6 +73,9 @@ class PromptCache:
         self._inflight: dict[str, asyncio.Future[bytes | None]] = {}
         self._writes: set[asyncio.Task[None]] = set()
         self.shared_tier = True
+        self.keeps_out: Callable[[str, bytes], bool] | None = None
+        """Answers this says yes to stay out of the shared tier (redaction: PII never reaches it)."""
+        self.kept_out = 0
 
     # -- lookups -----------------------------------------------------------------------------
     async def get(self, key: str) -> bytes | None:
@@ -129,6 +132,9 @@ class PromptCache:
             write.add_done_callback(self._writes.discard)
 
     def _put_shared(self, key: str, task: str, body: bytes, ttl_s: float) -> None:
+        if self.keeps_out is not None and self.keeps_out(task, body):
+            self.kept_out += 1
+            return
         now = datetime.now(UTC)
         try:
             with self.db.session() as session:

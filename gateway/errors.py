@@ -17,6 +17,8 @@ class GatewayError(Exception):
     status: int = 500
     type: str = "server_error"
     code: str | None = None
+    headers: dict[str, str] | None = None
+    """Extra response headers (``Retry-After`` and ``x-ratelimit-*`` on a 429)."""
 
     def __init__(
         self, message: str, *, param: str | None = None, code: str | None = None, status: int | None = None
@@ -73,6 +75,20 @@ class Conflict(GatewayError):
     status = 409
     type = "invalid_request_error"
     code = "conflict"
+
+
+class RateLimited(GatewayError):
+    """A key over its rate limit (``type`` ``requests`` or ``tokens``, as OpenAI says it) or its
+    budget (``insufficient_quota``); ``headers`` carry ``Retry-After``."""
+
+    status = 429
+    type = "requests"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, kind: str, code: str, headers: dict[str, str]) -> None:
+        super().__init__(message, code=code)
+        self.type = kind
+        self.headers = headers
 
 
 class Overloaded(GatewayError):

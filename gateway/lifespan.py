@@ -126,6 +126,18 @@ async def training(
             metrics.child(metrics.training_runs, e.task, e.outcome).inc() if e.outcome != "skipped" else None
         )
     )
+
+    def checked(counts: Any) -> None:
+        for verdict, n in (
+            ("passed", counts.passed),
+            ("failed", counts.failed),
+            ("unscored", counts.unscored),
+            ("error", counts.errors),
+        ):
+            if n:
+                metrics.child(metrics.answer_checks, counts.task, verdict).inc(n)
+
+    trainer.on_check.append(checked)
     async with running(trainer):
         yield trainer
 

@@ -181,6 +181,12 @@ class Metrics:
         self.upstream_errors = Counter(
             p + "upstream_errors", "Failed upstream calls by target and kind.", ["target", "kind"], registry=r
         )
+        self.answer_checks = Counter(
+            p + "answer_checks",
+            "Teacher answers checked by a second model before training, by verdict (passed, failed, unscored, error).",
+            ["task", "verdict"],
+            registry=r,
+        )
         self.soft_label_captures = Counter(
             p + "soft_label_captures",
             "Teacher answers asked for top-k logprobs on the client's behalf (soft labels).",
@@ -192,6 +198,18 @@ class Metrics:
         )
         self.shed = Counter(
             p + "shed_requests", "Requests refused because the gateway was at capacity.", registry=r
+        )
+        self.redactions = Counter(
+            p + "redactions",
+            "Values redacted from stored content, by task and detector.",
+            ["task", "kind"],
+            registry=r,
+        )
+        self.limited = Counter(
+            p + "limited_requests",
+            "Requests refused by a key's controls: requests, tokens, budget or task_not_allowed.",
+            ["reason"],
+            registry=r,
         )
 
     def child(self, metric: Any, *labels: str) -> Any:

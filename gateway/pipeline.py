@@ -21,6 +21,7 @@ from gateway import soft_labels, sse
 from gateway.auth import Caller, KeyRing
 from gateway.cache import PromptCache, cache_directive, cache_key, is_cacheable
 from gateway.errors import UpstreamError, error_bytes
+from gateway.limits import Limiter
 from gateway.metrics import Metrics
 from gateway.protocol import (
     ChatCompletionRequest,
@@ -34,7 +35,7 @@ from gateway.protocol import (
 )
 from gateway.recorder import Exchange, Recorder
 from gateway.store.models import Stage, new_id
-from gateway.task_limits import TaskLimits
+from gateway.task_limits import TaskCaps
 from gateway.task_table import TaskTable
 from gateway.upstream import Upstream, UpstreamAnswer, Upstreams
 from router.decide import (
@@ -114,6 +115,8 @@ class Call:
     decision: RouteDecision | None = None
     soft_top_k: int | None = None
     """Top-k logprobs asked of the teacher for soft labels, stripped before the client sees them."""
+    limit_headers: dict[str, str] | None = None
+    """The caller's ``x-ratelimit-*`` headers, sent on every answer to it."""
 
     def to_exchange(
         self,
@@ -167,7 +170,7 @@ class Pipeline:
         keys: KeyRing,
         policy: Callable[[], Policy | None],
         tasks: TaskTable,
-        limits: TaskLimits,
+        task_caps: TaskCaps,
         cache: PromptCache,
         upstreams: Upstreams,
         recorder: Recorder,
@@ -175,11 +178,13 @@ class Pipeline:
         promoter: Promoter,
         metrics: Metrics,
         max_body_bytes: int,
+        limits: Limiter | None = None,
     ) -> None:
         self.keys = keys
+        self.limits = limits
         self.policy = policy
         self.tasks = tasks
-        self.limits = limits
+        self.task_caps = task_caps
         self.cache = cache
         self.upstreams = upstreams
         self.recorder = recorder
@@ -204,10 +209,12 @@ class Pipeline:
             headers,
             caller,
             started,
-            task=self.limits.admit(task_key(req.metadata, headers.get(TASK_HEADER), req), caller.key_id),
+            task=self.task_caps.admit(task_key(req.metadata, headers.get(TASK_HEADER), req), caller.key_id),
             model=req.model,
             stream=bool(req.stream),
         )
+        if self.limits is not None:
+            call.limit_headers = self.limits.admit(caller, call.task)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         hit = await self._consult_cache(call, req, headers)
         if hit is not None:
@@ -295,10 +302,12 @@ class Pipeline:
             headers,
             caller,
             started,
-            task=self.limits.admit(task_key(req.metadata, headers.get(TASK_HEADER), None), caller.key_id),
+            task=self.task_caps.admit(task_key(req.metadata, headers.get(TASK_HEADER), None), caller.key_id),
             model=req.model,
             stream=bool(getattr(req, "stream", False)),
         )
+        if self.limits is not None:
+            call.limit_headers = self.limits.admit(caller, call.task)
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         return await self._forward(call, self.upstreams.require_teacher(), include_usage=include_usage)
 
@@ -426,11 +435,14 @@ class Pipeline:
 
     # -- upstreams ---------------------------------------------------------------------------
     def headers_for(self, call: Call, target: Target) -> dict[str, str]:
-        return {
+        headers = {
             "x-distillgate-request-id": call.id,
             "x-distillgate-target": target.name,
             "x-distillgate-task": call.task,
         }
+        if call.limit_headers is not None:
+            headers.update(call.limit_headers)
+        return headers
 
     def _payload(self, call: Call, include_usage: bool, model: str | None = None) -> tuple[bytes, bool]:
         """The body to send upstream, and whether to strip the usage chunk we asked for."""

@@ -51,6 +51,20 @@ class RecorderSettings(BaseModel):
     spool (a stalled database, connection open and nothing answered, never fails on its own)."""
 
 
+class RetentionSettings(BaseModel):
+    """How long records live (``gateway.retention``; each task's body retention is in the policy)."""
+
+    records_months: int | None = Field(None, ge=1)
+    """Whole months of records kept, the current one included: older months are dropped (on
+    PostgreSQL one partition each; on SQLite deleted in bounded batches). None keeps all. This is
+    also the ledger's horizon: the report cannot look further back."""
+    prune_every_s: float | None = 3600.0
+    """How often the gateway runs the prune (one replica at a time on PostgreSQL); None: never
+    (run ``distillgate db prune`` from cron or the Helm chart's CronJob instead)."""
+    batch_size: int = Field(5000, ge=1)
+    """Rows changed per statement: no prune holds locks on many rows at once."""
+
+
 class UpstreamSettings(BaseModel):
     """Timeouts and retries for calls to the teacher and the student."""
 
@@ -138,6 +152,7 @@ class Settings(BaseSettings):
     recorder: RecorderSettings = Field(default_factory=RecorderSettings)
     upstream: UpstreamSettings = Field(default_factory=UpstreamSettings)
     tasks: TaskLimitSettings = Field(default_factory=TaskLimitSettings)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -184,29 +184,4 @@ def with_logprobs(body: dict[str, Any], top_k: int) -> dict[str, Any]:
     return {**body, "logprobs": True, "top_logprobs": top_k}
 
 
-def top_logprobs_of(response: dict[str, Any]) -> list[list[tuple[str, float]]] | None:
-    """Per answer token, the teacher's top-k ``(token, logprob)``, from a stored (assembled)
-    chat answer; None when it has none."""
-    choices = response.get("choices")
-    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-        return None
-    logprobs = choices[0].get("logprobs")
-    if not isinstance(logprobs, dict) or not isinstance(logprobs.get("content"), list):
-        return None
-    out: list[list[tuple[str, float]]] = []
-    for entry in logprobs["content"]:
-        if not isinstance(entry, dict):
-            return None
-        top = entry.get("top_logprobs") or [{"token": entry.get("token"), "logprob": entry.get("logprob")}]
-        row = [
-            (str(t["token"]), float(t["logprob"]))
-            for t in top
-            if isinstance(t, dict)
-            and isinstance(t.get("token"), str)
-            and isinstance(t.get("logprob"), int | float)
-        ]
-        out.append(row)
-    return out
-
-
-__all__ = ["capture_top_k", "strip_json", "strip_sse", "top_logprobs_of", "with_logprobs"]
+__all__ = ["capture_top_k", "strip_json", "strip_sse", "with_logprobs"]

@@ -22,7 +22,7 @@ OVERFLOW_TASK = "_overflow"
 never trained on (its row is created paused)."""
 
 
-class TaskLimits:
+class TaskCaps:
     """Admits task names: known ones always, new ones while their key and the process are under
     their caps. Counts are this process's since it started; names stored before count as known."""
 

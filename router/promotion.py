@@ -88,6 +88,17 @@ class Promoter:
     # -- the gate ------------------------------------------------------------------------------
     def check(self, task_key: str) -> GateOutcome | None:
         """Evaluate one task and apply the verdict; ``None`` when the task is not gated now."""
+        judged = self.judge(task_key)
+        if judged is None:
+            return None
+        task, verdict, task_policy = judged
+        if verdict.action == "hold":
+            return GateOutcome(task_key, task.stage, verdict)
+        return self._apply(task, verdict, task_policy)
+
+    def judge(self, task_key: str) -> tuple[Task, GateVerdict, TaskPolicy] | None:
+        """The verdict ``check`` would act on, without acting (the console shows it as the gate's
+        evidence); ``None`` when the task is not gated now."""
         policy = self.policy()
         with self.db.session() as session:
             task = session.get(Task, task_key)
@@ -111,9 +122,7 @@ class Promoter:
             )
         else:
             return None
-        if verdict.action == "hold":
-            return GateOutcome(task_key, task.stage, verdict)
-        return self._apply(task, verdict, task_policy)
+        return task, verdict, task_policy
 
     def check_many(self, task_keys: Iterable[str]) -> list[GateOutcome]:
         """``check`` each task once (e.g. the tasks of a stored batch of pairs); errors are logged."""

@@ -166,6 +166,9 @@ class ShadowMirror:
         self.on_pair: list[Callable[[ScoredPair], None]] = []
         self.on_drop: list[Callable[[ShadowJob], None]] = []
         self.on_stored: list[Callable[[list[ScoredPair]], None]] = []
+        self.redact: Callable[[str, Any], Any] | None = None
+        """``(task, value) -> value``: what a pair stores of an answer, redacted as its record is
+        (set by the gateway from the policy's ``redact`` section)."""
         self._in_flight: dict[str, int] = {}
         self._total_in_flight = 0
         self._jobs: set[asyncio.Task[None]] = set()
@@ -349,16 +352,21 @@ class ShadowMirror:
     def _write(self, batch: list[ScoredPair]) -> None:
         """Insert ``batch`` and attach each pair's summary to its record (worker thread)."""
         if batch:
+            redact = self.redact
             with self.db.session() as session:
                 rows = [pair.row() for pair in batch]
+                if redact is not None:
+                    for row in rows:
+                        row.student_response = redact(row.task, row.student_response)
                 session.add_all(rows)
                 session.commit()
                 ids = [row.id for row in rows]
             self.counters.stored += len(batch)
             for pair, pair_id in zip(batch, ids, strict=True):
-                self._record_updates.append(
-                    (pair.job.record_id, {**pair.record_shadow(), "pair_id": pair_id}, 0)
-                )
+                summary = pair.record_shadow()
+                if redact is not None:
+                    summary = redact(pair.job.task, summary)
+                self._record_updates.append((pair.job.record_id, {**summary, "pair_id": pair_id}, 0))
             for callback in self.on_stored:
                 _safely(callback, batch)
         try:

@@ -17,7 +17,7 @@ from sqlalchemy import select as sa_select
 from sqlmodel import col, select
 
 from gateway.store.db import Database
-from gateway.store.models import Adapter, Record, ShadowPair, Stage, Task, TaskTransition
+from gateway.store.models import Adapter, AnswerCheck, Record, ShadowPair, Stage, Task, TaskTransition
 from router.stages import (
     DEFAULT_CANARY,
     KEEP,
@@ -80,6 +80,15 @@ class TransitionView(msgspec.Struct, kw_only=True):
     created_at: str
 
 
+class AnswerChecks(msgspec.Struct, kw_only=True):
+    """Teacher answers checked by a second model (the task's ``validate`` section)."""
+
+    checked: int
+    passed: int
+    failed: int
+    """Kept in the store, marked, and left out of datasets."""
+
+
 class TaskDetail(TaskRow, kw_only=True):
     """A task's row, its training envelope, per-kind pair counts and its newest transitions."""
 
@@ -89,6 +98,7 @@ class TaskDetail(TaskRow, kw_only=True):
     pairs_by_kind: dict[str, KindSummary]
     transitions: list[TransitionView]
     """Newest first."""
+    answer_checks: AnswerChecks
 
 
 class PairView(msgspec.Struct, kw_only=True):
@@ -179,6 +189,11 @@ def task_detail(db: Database, key: str, transitions: int = 100) -> TaskDetail:
             .where(col(ShadowPair.task) == key, col(ShadowPair.adapter) == (task.adapter or ""))
             .group_by(col(ShadowPair.kind))
         ).all()
+        checks = session.execute(
+            sa_select(col(AnswerCheck.passed), func.count())
+            .where(col(AnswerCheck.task) == key)
+            .group_by(col(AnswerCheck.passed))
+        ).all()
         moves = session.exec(
             select(TaskTransition)
             .where(TaskTransition.task == key)
@@ -204,6 +219,11 @@ def task_detail(db: Database, key: str, transitions: int = 100) -> TaskDetail:
         features=task.features,
         pairs_by_kind=kinds,
         transitions=[transition_view(row) for row in moves],
+        answer_checks=AnswerChecks(
+            checked=sum(int(n) for _, n in checks),
+            passed=sum(int(n) for ok, n in checks if ok),
+            failed=sum(int(n) for ok, n in checks if not ok),
+        ),
     )
 
 
@@ -228,24 +248,34 @@ def recent_pairs(
         records = (
             {r.id: r for r in session.exec(select(Record).where(col(Record.id).in_(ids)))} if ids else {}
         )
-    return [
-        PairView(
-            id=pair.id,
-            record_id=pair.record_id,
-            adapter=pair.adapter,
-            kind=pair.kind,
-            stage=pair.stage,
-            scorer=pair.scorer,
-            score=pair.score,
-            passed=pair.passed,
-            error=pair.error,
-            student_latency_ms=pair.student_latency_ms,
-            student_response=pair.student_response,
-            teacher_response=_teacher_answer(records.get(pair.record_id)),
-            created_at=pair.created_at.isoformat(),
-        )
-        for pair in pairs
-    ]
+    return [_pair_view(pair, records.get(pair.record_id)) for pair in pairs]
+
+
+def shadow_pair(db: Database, key: str, pair_id: int) -> PairView | None:
+    """One of the task's pairs, as ``recent_pairs`` shows it; ``None`` when the task has no such pair."""
+    with db.session() as session:
+        pair = session.get(ShadowPair, pair_id)
+        if pair is None or pair.task != key:
+            return None
+        return _pair_view(pair, session.get(Record, pair.record_id))
+
+
+def _pair_view(pair: ShadowPair, record: Record | None) -> PairView:
+    return PairView(
+        id=pair.id,
+        record_id=pair.record_id,
+        adapter=pair.adapter,
+        kind=pair.kind,
+        stage=pair.stage,
+        scorer=pair.scorer,
+        score=pair.score,
+        passed=pair.passed,
+        error=pair.error,
+        student_latency_ms=pair.student_latency_ms,
+        student_response=pair.student_response,
+        teacher_response=_teacher_answer(record),
+        created_at=pair.created_at.isoformat(),
+    )
 
 
 def _teacher_answer(record: Record | None) -> dict[str, Any] | None:

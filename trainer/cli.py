@@ -59,6 +59,14 @@ def train(
     base_model: Annotated[
         str | None, typer.Option(help="Base model (default: the policy's student.base_model).")
     ] = None,
+    gpus: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="GPUs of this node to train on, data-parallel through torchrun"
+            " (default: the policy's train.gpus).",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Records → dataset snapshot → fine-tune (LoRA or full, per the policy) → ``task@vN``."""
@@ -80,7 +88,13 @@ def train(
         raise typer.Exit(1)
     try:
         outcome = train_task(
-            db, task, policy.for_task(task), model, settings.adapters_dir, progress=not as_json
+            db,
+            task,
+            policy.for_task(task),
+            model,
+            settings.adapters_dir,
+            progress=not as_json,
+            gpus=gpus,
         )
     except NotEnoughData as exc:
         if as_json:
@@ -231,11 +245,25 @@ def student_serve(
     ] = None,
     max_lora_rank: Annotated[int, typer.Option(help="Largest LoRA rank accepted.")] = 64,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda …")] = "auto",
+    threads: Annotated[
+        int | None, typer.Option(min=1, help="CPU threads for torch (default: torch's own choice).")
+    ] = None,
+    max_batch: Annotated[
+        int, typer.Option(min=1, help="Most sequences decoded together; more requests wait their turn.")
+    ] = 32,
+    prefix_caching: Annotated[
+        bool, typer.Option(help="Reuse the KV cache of recent prompts' shared beginnings (not bitwise).")
+    ] = True,
 ) -> None:
     """Serve a base model and runtime-loaded adapters with vLLM's HTTP contract."""
     import uvicorn
 
     from trainer.student_server import create_student_app
+
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
 
     adapters: dict[str, str] = {}
     for item in lora or []:
@@ -251,5 +279,7 @@ def student_serve(
         api_key=api_key,
         device=device,
         max_lora_rank=max_lora_rank,
+        max_batch=max_batch,
+        prefix_caching=prefix_caching,
     )
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)

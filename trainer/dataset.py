@@ -15,14 +15,14 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Generator, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from sqlmodel import col, select
 
 from gateway.store.db import Database
-from gateway.store.models import DatasetSnapshot, Record
+from gateway.store.models import AnswerCheck, DatasetSnapshot, Record
 
 USABLE_FINISH_REASONS = frozenset({"stop", "tool_calls"})
 NEGATIVE_LABELS = frozenset({"bad", "negative", "wrong", "thumbs_down"})
@@ -31,9 +31,11 @@ NEGATIVE_LABELS = frozenset({"bad", "negative", "wrong", "thumbs_down"})
 FILTERS = (
     "status",
     "opted_out",
+    "redacted",
     "not_teacher",
     "finish_reason",
     "negative_feedback",
+    "failed_validation",
     "too_long",
     "malformed",
     "duplicate",
@@ -52,6 +54,12 @@ class DatasetOptions:
     """Drop exchanges whose prompt was longer than this (as the teacher counted tokens)."""
     max_completion_tokens: int | None = None
     """Drop exchanges whose answer was longer than this (as the teacher counted tokens)."""
+    train_on_redacted: bool = False
+    """Keep records redaction changed (the policy's ``redact.train_on_redacted``): by default
+    they are left out, since the teacher saw what the stored copy lacks."""
+    failed_checks: frozenset[str] = frozenset()
+    """Records whose answers failed their check by a second model (``trainer.validation``):
+    kept in the store, left out of training."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.holdout < 1.0:
@@ -146,12 +154,16 @@ def rejection(record: Record, options: DatasetOptions) -> str | None:
         return "status"
     if not record.stored:
         return "opted_out"
+    if record.redacted and not options.train_on_redacted:
+        return "redacted"
     if record.target != "teacher" or record.cache_hit:
         return "not_teacher"
     if record.finish_reason not in USABLE_FINISH_REASONS:
         return "finish_reason"
     if is_negative_feedback(record.feedback):
         return "negative_feedback"
+    if record.id in options.failed_checks:
+        return "failed_validation"
     if options.max_prompt_tokens is not None and record.prompt_tokens > options.max_prompt_tokens:
         return "too_long"
     if options.max_completion_tokens is not None and record.completion_tokens > options.max_completion_tokens:
@@ -297,6 +309,15 @@ def _dumps(value: Any) -> str:
 # -- database shell ------------------------------------------------------------------------
 
 
+def failed_checks(db: Database, task: str) -> frozenset[str]:
+    """Records of ``task`` whose answers failed their check (``AnswerCheck.passed`` false)."""
+    with db.session() as session:
+        stmt = select(AnswerCheck.record_id).where(
+            AnswerCheck.task == task, col(AnswerCheck.passed).is_(False)
+        )
+        return frozenset(session.exec(stmt))
+
+
 def _task_records(db: Database, task: str, batch: int = 500) -> Generator[Record, None, None]:
     """The task's records, newest first, streamed in batches."""
     with db.session() as session:
@@ -314,6 +335,9 @@ def build_snapshot(
 ) -> tuple[DatasetSnapshot, Selection]:
     """Select ``task``'s examples from the store and save them as a new ``DatasetSnapshot``."""
     options = options or DatasetOptions()
+    failed = failed_checks(db, task)
+    if failed:
+        options = replace(options, failed_checks=options.failed_checks | failed)
     records = _task_records(db, task)
     try:
         selection = select_examples(records, options)

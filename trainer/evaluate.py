@@ -2,7 +2,8 @@
 teacher's recorded answers.
 
 Answers are generated greedily through ``trainer.generation`` (the code the embedded student
-server runs), and both sides are compared as OpenAI chat completion responses, so any scorer
+server runs: all held-out prompts batched, each answer capped a few tokens past the teacher's),
+and both sides are compared as OpenAI chat completion responses, so any scorer
 from ``router.scorers`` applies; the default is an exact match after normalising whitespace
 and case (tool calls: same names and same parsed arguments).
 """
@@ -12,12 +13,14 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
 from trainer.chat_format import parse_arguments
+from trainer.collate import IGNORE_INDEX, tokenize_example
 from trainer.dataset import Example
-from trainer.generation import SamplingParams, StudentModels, split_answer
+from trainer.generation import ChatResult, SamplingParams, StudentModels, split_answer
 
 ScoreFunction = Callable[[dict[str, Any], dict[str, Any]], float]
 """(teacher response, student response) → score in [0, 1]."""
@@ -45,6 +48,9 @@ class EvalResult:
     latency_ms_p50: float
     samples: list[EvalSample] = field(default_factory=list)
     """The first few comparisons, to show what the student says."""
+    wall_s: float = 0.0
+    """The whole evaluation, batched: every prompt answered."""
+    completion_tokens: int = 0
 
     def metrics(self) -> dict[str, Any]:
         return {
@@ -54,6 +60,8 @@ class EvalResult:
             "agreement": round(self.agreement, 4),
             "pass_rate": round(self.pass_rate, 4),
             "latency_ms_p50": round(self.latency_ms_p50, 2),
+            "wall_s": round(self.wall_s, 2),
+            "completion_tokens": self.completion_tokens,
         }
 
 
@@ -107,6 +115,18 @@ def resolve_scorer(
     return name, lambda t, s, r: scorers.score(name, t, s, request=r).score
 
 
+ANSWER_SLACK_TOKENS = 8
+"""Tokens an answer may run past the teacher's before it is cut: enough to see the end-of-turn
+token after a matching answer (or a different tokenisation of the same text), so an exact or
+JSON score is decided, while an untrained base model that rambles stops early."""
+
+
+def teacher_answer_tokens(tokenizer: Any, example: Example) -> int:
+    """The teacher's answer in the student's tokens, as the trainer labels it (end-of-turn included)."""
+    tokenized = tokenize_example(tokenizer, example.messages, example.tools)
+    return sum(1 for label in tokenized.labels if label != IGNORE_INDEX)
+
+
 def evaluate(
     models: StudentModels,
     model: str,
@@ -115,31 +135,39 @@ def evaluate(
     scorer: str | ScoreFunction = "exact",
     pass_score: float = 1.0,
     max_tokens: int = 512,
+    answer_slack: int | None = ANSWER_SLACK_TOKENS,
     keep_samples: int = 5,
 ) -> EvalResult:
     """Answer every example's prompt with ``model`` (the base name or a loaded adapter) greedily
-    and score each answer against the teacher's. Blocking."""
+    and score each answer against the teacher's. Blocking.
+
+    All prompts are submitted at once, so the decode loop answers them in batches. Each answer
+    is capped at the teacher's length plus ``answer_slack`` tokens (``None``: ``max_tokens``
+    only); ``latency_ms_p50`` is an answer's own decode time, without its wait in the queue.
+    """
     name, function = resolve_scorer(scorer)
+    tokenizer = models.tokenizer_for(model)
+    started = time.perf_counter()
+    futures: list[Future[ChatResult]] = []
+    for example in examples:
+        room = (
+            models.max_model_len - 1 - len(models.prompt_ids(model, example.prompt_messages, example.tools))
+        )
+        limit = min(max_tokens, room)
+        if answer_slack is not None:
+            limit = min(limit, teacher_answer_tokens(tokenizer, example) + answer_slack)
+        params = SamplingParams(temperature=0.0, max_tokens=max(1, limit))
+        futures.append(models.submit(model, example.prompt_messages, example.tools, params))
     scores: list[float] = []
     latencies: list[float] = []
     samples: list[EvalSample] = []
-    for example in examples:
-        request = example.request or {"messages": example.prompt_messages, "tools": example.tools}
-        started = time.perf_counter()
-        limit = max(
-            1,
-            min(
-                max_tokens,
-                models.max_model_len
-                - 1
-                - len(models.prompt_ids(model, example.prompt_messages, example.tools)),
-            ),
-        )
-        result = models.chat(
-            model, example.prompt_messages, example.tools, SamplingParams(temperature=0.0, max_tokens=limit)
-        )
-        latencies.append((time.perf_counter() - started) * 1000.0)
+    tokens = 0
+    for example, future in zip(examples, futures, strict=True):
+        result = future.result()
+        latencies.append(result.decode_s * 1000.0)
         generation = result.choices[0]
+        tokens += generation.completion_tokens
+        request = example.request or {"messages": example.prompt_messages, "tools": example.tools}
         answer = split_answer(generation.text, bool(example.tools))
         message = {"role": "assistant", "content": answer.content, "tool_calls": answer.tool_calls or None}
         finish = "tool_calls" if answer.tool_calls else generation.finish_reason
@@ -157,6 +185,8 @@ def evaluate(
         pass_rate=sum(1 for s in scores if s >= pass_score - 1e-12) / n if n else 0.0,
         latency_ms_p50=ordered[len(ordered) // 2] if ordered else 0.0,
         samples=samples,
+        wall_s=time.perf_counter() - started,
+        completion_tokens=tokens,
     )
 
 
@@ -167,12 +197,12 @@ def evaluate_adapter(
     **kwargs: Any,
 ) -> EvalResult:
     """Load ``base_model`` (and the adapter or full model at ``adapter_path``, if any) and ``evaluate``."""
-    models = StudentModels(base_model)
-    model = models.base_name
-    if adapter_path is not None:
-        models.load("candidate", adapter_path)
-        model = "candidate"
-    return evaluate(models, model, examples, **kwargs)
+    with StudentModels(base_model) as models:
+        model = models.base_name
+        if adapter_path is not None:
+            models.load("candidate", adapter_path)
+            model = "candidate"
+        return evaluate(models, model, examples, **kwargs)
 
 
 def _show(message: dict[str, Any]) -> str:

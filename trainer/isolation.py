@@ -14,8 +14,10 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any, Self
@@ -25,6 +27,20 @@ log = logging.getLogger("distillgate.trainer")
 
 class ChildDied(RuntimeError):
     """The child process exited (killed, out of memory, or stopped) before it answered."""
+
+    def __init__(self, message: str, *, exit_code: int | None = None, peak_rss_bytes: int = 0) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+        self.peak_rss_bytes = peak_rss_bytes
+
+    @property
+    def cause(self) -> str:
+        """``oom_kill`` (SIGKILL: what the kernel's OOM killer sends), ``signal``, ``exit`` or ``stopped``."""
+        if self.exit_code is None:
+            return "stopped"
+        if self.exit_code == -signal.SIGKILL:
+            return "oom_kill"
+        return "signal" if self.exit_code < 0 else "exit"
 
 
 class Inline:
@@ -66,6 +82,7 @@ class ChildProcess(Inline):
         child_conn.close()
         self._lock = threading.Lock()
         self._killed = False
+        self._peak_rss = 0
 
     @property
     def pid(self) -> int | None:
@@ -74,24 +91,37 @@ class ChildProcess(Inline):
     def call(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         with self._lock:
             if self._killed or not self._process.is_alive():
-                raise ChildDied(self._died())
+                raise self._died()
             try:
                 self._conn.send((fn, args, kwargs))
                 while not self._conn.poll(0.5):
+                    self._peak_rss = max(self._peak_rss, _peak_rss_of(self._process.pid))
                     if not self._process.is_alive():
-                        raise ChildDied(self._died())
+                        raise self._died()
                 ok, value = self._conn.recv()
             except (EOFError, BrokenPipeError, ConnectionResetError) as exc:
-                raise ChildDied(self._died()) from exc
+                raise self._died() from exc
         if ok:
             return value
         raise value
 
-    def _died(self) -> str:
+    def _died(self) -> ChildDied:
         if self._killed:
-            return "the training process was stopped"
+            return ChildDied("the training process was stopped")
         self._process.join(1)
-        return f"the training process exited with code {self._process.exitcode}"
+        code = self._process.exitcode
+        peak = f"{self._peak_rss / 1e9:.1f} GB" if self._peak_rss else "an unknown amount"
+        if code is not None and code < 0:
+            name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else str(-code)
+            why = (
+                " (most likely the kernel's OOM killer: the machine ran out of memory)"
+                if code == -signal.SIGKILL
+                else ""
+            )
+            message = f"the training process was killed by {name}{why} at {peak} peak resident memory"
+        else:
+            message = f"the training process exited with code {code} at {peak} peak resident memory"
+        return ChildDied(message, exit_code=code, peak_rss_bytes=self._peak_rss)
 
     def close(self) -> None:
         """Ask the child to exit once its current call is done; kill it if it does not."""
@@ -111,7 +141,31 @@ class ChildProcess(Inline):
             self._process.kill()
 
 
+def _peak_rss_of(pid: int | None) -> int:
+    """A live process's peak resident set (``VmHWM``), 0 when it cannot be read."""
+    try:
+        for line in open(f"/proc/{pid}/status").read().splitlines():  # noqa: SIM115
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def _exit_with_parent() -> None:
+    """A child whose parent is gone (killed, crashed) stops too, instead of training for nobody."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="distillgate-parent-watch", daemon=True).start()
+
+
 def _serve(conn: Connection, torch_threads: int | None, log_level: int) -> None:
+    _exit_with_parent()
     logging.basicConfig(level=log_level or logging.WARNING)
     # A background worker: no download or weight-loading progress bars in the server's log
     # (set HF_HUB_DISABLE_PROGRESS_BARS=0 to see them).

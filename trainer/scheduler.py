@@ -31,11 +31,14 @@ from gateway.store.models import Adapter, Record, Stage, Task, TrainingLock, utc
 from router.policy import Policy, TaskPolicy
 from router.stages import TransitionError, transition_task
 from trainer.dataset import snapshot_examples
+from trainer.distributed import Torchrun
 from trainer.evaluate import EvalResult, evaluate_adapter
 from trainer.finetune import FinetuneConfig
-from trainer.isolation import ChildProcess, Inline
+from trainer.isolation import ChildDied, ChildProcess, Inline
+from trainer.memory_plan import TrainingMemoryError
 from trainer.publish import PublishError, StudentPublisher, publish_adapter
 from trainer.registry import NotEnoughData, set_adapter_status, train_task
+from trainer.validation import AnswerChecker, CheckCounts
 
 log = logging.getLogger("distillgate.scheduler")
 
@@ -185,12 +188,14 @@ class Scheduler:
         self.progress = progress
         self.isolate = isolate and not callable(progress)
         """Train and evaluate in a child process (a progress callback needs this process)."""
-        self._runners: set[Inline] = set()
+        self._runners: set[Inline | Torchrun] = set()
         self._stopping = False
         self.events: list[SchedulerEvent] = []
         self.on_event: list[Callable[[SchedulerEvent], None]] = []
         self.on_task: list[Callable[[Task], None]] = []
         """Called with each task the scheduler moved (the gateway routes on it at once)."""
+        self.on_check: list[Callable[[CheckCounts], None]] = []
+        """Called after each pass of answer checks (the gateway counts them in its metrics)."""
         self._task: asyncio.Task[None] | None = None
         self._busy = threading.Lock()
 
@@ -248,6 +253,7 @@ class Scheduler:
                     continue
                 if task.stage != Stage.collecting:
                     continue
+                self.check_answers(policy, task.key)
                 tp = policy.for_task(task.key)
                 now = utcnow()
                 reason = due_reason(
@@ -256,6 +262,21 @@ class Scheduler:
                 if reason is not None:
                     events.append(self.run_task(task.key, reason))
             return events
+
+    def check_answers(self, policy: Policy, key: str, limit: int = 200) -> CheckCounts | None:
+        """Score the task's unchecked teacher answers (its ``validate`` section), so failed ones
+        stay out of its next dataset; None when the task has no ``validate`` section."""
+        if policy.for_task(key).validate_answers is None:
+            return None
+        try:
+            counts = AnswerChecker(self.db, policy).run(key, limit=limit)
+        except Exception:
+            log.exception("answer checks of %s failed", key)
+            return None
+        if counts is not None:
+            for listener in self.on_check:
+                listener(counts)
+        return counts
 
     def _abandoned(self, key: str) -> bool:
         """A task in training whose lease is gone or expired: nobody is training it any more.
@@ -283,21 +304,31 @@ class Scheduler:
 
     def _train_and_judge(self, key: str, policy: Policy, lease: TrainingLease) -> SchedulerEvent:
         runner = ChildProcess(f"distillgate-train-{key}") if self.isolate else Inline()
-        self._runners.add(runner)
+        # More than one GPU: the training itself is a torchrun job (its own processes); the
+        # offline evaluation stays in the child.
+        gpus = policy.for_task(key).train.gpus
+        training: Inline | Torchrun = Torchrun(gpus) if gpus > 1 else runner
+        self._runners.update((runner, training))
         try:
             if self._stopping:
                 runner.kill()
-            return self._train_and_judge_with(key, policy, runner, lease)
+                training.kill()
+            return self._train_and_judge_with(key, policy, runner, lease, training)
         finally:
             self._runners.discard(runner)
+            self._runners.discard(training)
             runner.close()
 
     def _train_and_judge_with(
-        self, key: str, policy: Policy, runner: Inline, lease: TrainingLease
+        self, key: str, policy: Policy, runner: Inline, lease: TrainingLease, training: Inline | Torchrun
     ) -> SchedulerEvent:
         assert policy.student is not None
         tp = policy.for_task(key)
         base_model = policy.student.base_model
+        if tp.validate_answers is not None:
+            # Every answer the dataset may take is checked first (a bounded pass at a time).
+            while (counts := self.check_answers(policy, key, limit=500)) is not None and counts.checked:
+                pass
         started = time.perf_counter()
         try:
             config = FinetuneConfig.from_policy(tp.train, **self.finetune_overrides)
@@ -309,10 +340,20 @@ class Scheduler:
                 self.adapters_dir,
                 config=config,
                 progress=self.progress,
-                runner=runner,
+                runner=training,
             )
         except NotEnoughData as exc:
             return self._back_to_collecting(key, "rejected", f"not enough data: {exc}", {})
+        except TrainingMemoryError as exc:
+            return self._back_to_collecting(key, "refused", f"training not started: {exc}", {})
+        except ChildDied as exc:
+            log.error("training %s died: %s", key, exc)
+            died: dict[str, Any] = {
+                "cause": exc.cause,
+                "exit_code": exc.exit_code,
+                "peak_rss_bytes": exc.peak_rss_bytes,
+            }
+            return self._back_to_collecting(key, exc.cause, f"training died: {exc}", died)
         except Exception as exc:
             log.exception("training %s failed", key)
             return self._back_to_collecting(
@@ -352,6 +393,7 @@ class Scheduler:
             "finetuned": _score(tuned),
             "scorer": tuned.scorer,
             "student_latency_ms_p50": round(tuned.latency_ms_p50, 2),
+            "eval_s": round(baseline.wall_s + tuned.wall_s, 2),
         }
         set_adapter_status(self.db, adapter.name, "trained", eval=numbers)
         bar = tp.train.min_offline_score
@@ -360,7 +402,9 @@ class Scheduler:
             f" → fine-tuned {numbers['finetuned']:.3f} → teacher 1.000 (bar {bar:.2f})"
         )
         if tuned.pass_rate < bar:
-            return self._reject(key, adapter, summary, numbers)
+            return self._reject(
+                key, adapter, f"{summary}: below the bar, the task stays on the teacher", numbers
+            )
         if lease.lost:
             return self._reject(
                 key,

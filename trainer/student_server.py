@@ -12,8 +12,11 @@ trained from scratch goes through the same load/serve/unload calls.
 
 Simplifications, all invisible to the OpenAI SDK: ``response_format`` and a forced
 ``tool_choice`` are accepted but not enforced (no guided decoding); ``tool_choice: "none"``
-turns tool-call parsing off; when streaming, a choice's tool calls arrive as one delta and its
-logprobs with its finish chunk.
+turns tool-call parsing off; when streaming, a choice's tool calls arrive as one delta (with
+the logprobs of their tokens).
+
+Every answer is decoded by ``StudentModels``' continuous-batching loop: concurrent requests
+share its decode steps, and a client that disconnects frees its rows at the next step.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,7 +52,6 @@ from trainer.generation import (
 )
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-_background: set[asyncio.Task[None]] = set()
 
 
 class StudentHTTPError(Exception):
@@ -199,9 +202,20 @@ async def chat_completions(request: Request[Any, Any, Any]) -> Response[Any]:
     if req.stream:
         return Stream(_stream(state.models, call), media_type="text/event-stream", headers=SSE_HEADERS)
     try:
-        result = await asyncio.to_thread(state.models.chat, req.model, messages, tools, params)
+        future = state.models.submit(req.model, messages, tools, params)
     except (UnknownModel, ContextTooLong) as exc:
         raise _generation_error(exc) from None
+    try:
+        result = await asyncio.wrap_future(future)
+    except asyncio.CancelledError:
+        state.models.cancel(future)  # the client went away: free its batch rows at once
+        raise
+    except UnknownModel as exc:
+        raise _generation_error(exc) from None
+    except Exception as exc:
+        raise StudentHTTPError(
+            500, f"generation failed: {type(exc).__name__}", "InternalServerError"
+        ) from None
     return Response(content=_completion(call, result), media_type="application/json")
 
 
@@ -264,7 +278,7 @@ def _completion(call: _Call, result: ChatResult) -> dict[str, Any]:
             {
                 "index": index,
                 "message": message,
-                "logprobs": {"content": generation.logprobs} if generation.logprobs is not None else None,
+                "logprobs": _logprobs(generation.logprobs),
                 "finish_reason": finish,
                 "stop_reason": None,
             }
@@ -277,6 +291,11 @@ def _completion(call: _Call, result: ChatResult) -> dict[str, Any]:
         "choices": choices,
         "usage": _usage(result),
     }
+
+
+def _logprobs(content: list[dict[str, Any]] | None) -> dict[str, Any] | None:
+    """OpenAI's ``choice.logprobs``: the tokens' entries, and no refusal."""
+    return None if content is None else {"content": content, "refusal": None}
 
 
 def _role_chunk(call: _Call, index: int) -> bytes:
@@ -307,46 +326,63 @@ def _held_back(text: str) -> int:
 
 
 async def _stream(models: StudentModels, call: _Call) -> AsyncIterator[bytes]:
-    """SSE chunks as vLLM sends them: a role chunk per choice, content deltas, a finish chunk,
-    then (with ``stream_options.include_usage``) a usage chunk with no choices, then ``[DONE]``.
+    """SSE chunks as vLLM sends them: a role chunk per choice, content deltas (each with the
+    logprobs of the tokens it completes, when asked), a finish chunk, then (with
+    ``stream_options.include_usage``) a usage chunk with no choices, then ``[DONE]``.
 
     With tools offered, text is streamed until a ``<tool_call>`` block starts; the calls are
-    sent as one ``tool_calls`` delta when the choice ends.
+    sent as one ``tool_calls`` delta when the choice ends, with the logprobs held back till then.
     """
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[tuple[str, int, Any]] = asyncio.Queue()
-    cancelled = threading.Event()
+    gone = threading.Event()
 
-    def on_text(index: int, delta: str) -> bool:
-        if cancelled.is_set():
+    def on_text(index: int, delta: str, logprobs: list[dict[str, Any]]) -> bool:
+        if gone.is_set():
             return False
-        loop.call_soon_threadsafe(events.put_nowait, ("text", index, delta))
+        loop.call_soon_threadsafe(events.put_nowait, ("text", index, (delta, logprobs)))
         return True
 
     def on_choice(index: int, generation: Generation) -> None:
         loop.call_soon_threadsafe(events.put_nowait, ("choice", index, generation))
 
-    async def run() -> None:
-        try:
-            result = await asyncio.to_thread(
-                models.chat, call.req.model, call.messages, call.tools, call.params, on_text, on_choice
-            )
-            events.put_nowait(("done", -1, result))
-        except Exception as exc:
-            events.put_nowait(("error", -1, exc))
+    def on_done(future: Future[ChatResult]) -> None:
+        exc = future.exception()
+        item = ("error", -1, exc) if exc is not None else ("done", -1, future.result())
+        loop.call_soon_threadsafe(events.put_nowait, item)
 
-    worker = asyncio.create_task(run())
+    try:
+        future = models.submit(call.req.model, call.messages, call.tools, call.params, on_text, on_choice)
+    except Exception as exc:
+        future = Future()
+        future.set_exception(exc)
+    future.add_done_callback(on_done)
+    want_logprobs = call.params.logprobs
     texts: dict[int, str] = {}
     sent: dict[int, int] = {}
+    pending: dict[int, list[dict[str, Any]]] = {}
     stopped_content: set[int] = set()
+
+    def content_chunk(index: int, delta: dict[str, Any]) -> bytes:
+        entries, pending[index] = pending[index], []
+        logprobs = _logprobs(entries) if want_logprobs and entries else None
+        return _chunk(call, [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": None}])
+
+    def opened(index: int) -> bytes | None:
+        if index in texts:
+            return None
+        texts[index], sent[index], pending[index] = "", 0, []
+        return _role_chunk(call, index)
+
     try:
         while True:
             kind, index, payload = await events.get()
             if kind == "text":
-                if index not in texts:
-                    texts[index], sent[index] = "", 0
-                    yield _role_chunk(call, index)
-                texts[index] += payload
+                if (first := opened(index)) is not None:
+                    yield first
+                delta_text, entries = payload
+                texts[index] += delta_text
+                pending[index].extend(entries)
                 if index in stopped_content:
                     continue
                 text = texts[index]
@@ -356,41 +392,27 @@ async def _stream(models: StudentModels, call: _Call) -> AsyncIterator[bytes]:
                 else:
                     ready = len(text) - (_held_back(text) if call.tools_active else 0)
                 if ready > sent[index]:
-                    yield _chunk(
-                        call,
-                        [
-                            {
-                                "index": index,
-                                "delta": {"content": text[sent[index] : ready]},
-                                "logprobs": None,
-                                "finish_reason": None,
-                            }
-                        ],
-                    )
+                    yield content_chunk(index, {"content": text[sent[index] : ready]})
                     sent[index] = ready
             elif kind == "choice":
                 generation: Generation = payload
-                if index not in texts:
-                    texts[index], sent[index] = "", 0
-                    yield _role_chunk(call, index)
+                if (first := opened(index)) is not None:
+                    yield first
                 message, finish = _message(generation, call.tools_active)
                 delta: dict[str, Any] = {}
                 if message["tool_calls"]:
                     delta["tool_calls"] = [{"index": k, **tc} for k, tc in enumerate(message["tool_calls"])]
                 elif len(generation.text) > sent[index]:
                     delta["content"] = generation.text[sent[index] :]
-                if delta:
-                    yield _chunk(
-                        call, [{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}]
-                    )
-                logprobs = {"content": generation.logprobs} if generation.logprobs is not None else None
+                if delta or pending[index]:
+                    yield content_chunk(index, delta)
                 yield _chunk(
                     call,
                     [
                         {
                             "index": index,
                             "delta": {},
-                            "logprobs": logprobs,
+                            "logprobs": None,
                             "finish_reason": finish,
                             "stop_reason": None,
                         }
@@ -421,11 +443,9 @@ async def _stream(models: StudentModels, call: _Call) -> AsyncIterator[bytes]:
                 break
         yield b"data: [DONE]\n\n"
     finally:
-        # If the client went away, the generation stops at its next token and the task ends by itself.
-        cancelled.set()
-        if not worker.done():
-            _background.add(worker)
-            worker.add_done_callback(_background.discard)
+        # If the client went away, its rows leave the batch at the next decode step.
+        gone.set()
+        models.cancel(future)
 
 
 # -- app -------------------------------------------------------------------------------------
@@ -453,6 +473,8 @@ def create_student_app(
     device: str = "auto",
     max_lora_rank: int = 64,
     max_model_len: int | None = None,
+    max_batch: int = 32,
+    prefix_caching: bool = True,
 ) -> Litestar:
     """The student server for ``base_model`` (hub id, local path, or already loaded ``StudentModels``).
 
@@ -468,12 +490,17 @@ def create_student_app(
             device=device,
             max_lora_rank=max_lora_rank,
             max_model_len=max_model_len,
+            max_batch=max_batch,
+            prefix_caching=prefix_caching,
         )
     )
     for name, path in (adapters or {}).items():
         models.load(name, path)
+    owned = not isinstance(base_model, StudentModels)
     app = Litestar(
         route_handlers=[chat_completions, list_models, load_lora_adapter, unload_lora_adapter, health],
+        # Models built here stop their decode loop with the app; models passed in stay the caller's.
+        on_shutdown=[models.close] if owned else [],
         exception_handlers={
             StudentHTTPError: _on_student_error,
             HTTPException: _on_http_error,

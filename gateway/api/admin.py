@@ -10,7 +10,7 @@ import re
 from typing import Any
 
 import msgspec
-from litestar import Request, Response, Router, get, post
+from litestar import Request, Response, Router, get, patch, post
 from litestar.connection import ASGIConnection
 from litestar.exceptions import ValidationException
 from litestar.handlers.base import BaseRouteHandler
@@ -19,7 +19,18 @@ from litestar.types import ExceptionHandlersMap
 
 from gateway.api import tasks
 from gateway.auth import KeyRing, require_admin
-from gateway.errors import GatewayError, NotFound, error_bytes
+from gateway.errors import GatewayError, InvalidRequest, NotFound, error_bytes
+from gateway.keys import (
+    CreatedKey,
+    KeySettings,
+    KeyView,
+    NewKey,
+    create_key,
+    get_key,
+    list_keys,
+    revoke_key,
+    update_key,
+)
 from gateway.recorder import Recorder
 from gateway.store.db import Database
 from gateway.store.queries import RecordView, recent_records, record
@@ -112,6 +123,63 @@ async def get_record(db: Database, record_id: str) -> RecordView:
     return found
 
 
+class KeyList(msgspec.Struct, kw_only=True):
+    object: str = "list"
+    data: list[KeyView]
+
+
+def _no_key(key_id: int) -> NotFound:
+    return NotFound(f"No key with id {key_id}.", param="key_id")
+
+
+@get("/keys", summary="Every key (prefixes, limits; never secrets)")
+async def keys_list(db: Database) -> KeyList:
+    return KeyList(data=[KeyView.of(row) for row in await asyncio.to_thread(list_keys, db)])
+
+
+@post("/keys", status_code=201, summary="Create a key with its limits (the secret is shown once)")
+async def keys_create(db: Database, data: NewKey) -> CreatedKey:
+    settings = msgspec.convert(
+        {name: getattr(data, name) for name in KeySettings.__struct_fields__},
+        KeySettings,
+        from_attributes=True,
+    )
+    row, secret = await asyncio.to_thread(create_key, db, data.name, admin=data.admin, settings=settings)
+    return CreatedKey(**msgspec.structs.asdict(KeyView.of(row)), key=secret)
+
+
+@get("/keys/{key_id:int}", summary="One key")
+async def keys_show(db: Database, key_id: int) -> KeyView:
+    row = await asyncio.to_thread(get_key, db, key_id)
+    if row is None:
+        raise _no_key(key_id)
+    return KeyView.of(row)
+
+
+@patch("/keys/{key_id:int}", summary="Change a key's expiry, allow-list or limits (fields given only)")
+async def keys_update(db: Database, keys: KeyRing, key_id: int, data: dict[str, Any]) -> KeyView:
+    try:
+        row = await asyncio.to_thread(update_key, db, key_id, data)
+    except msgspec.ValidationError as exc:
+        raise InvalidRequest(f"Invalid key settings: {exc}") from None
+    if row is None:
+        raise _no_key(key_id)
+    await asyncio.to_thread(keys.refresh)  # this replica applies the change at once
+    return KeyView.of(row)
+
+
+@post("/keys/{key_id:int}/revoke", status_code=200, summary="Revoke a key")
+async def keys_revoke(db: Database, keys: KeyRing, key_id: int) -> KeyView:
+    """Refused from the next request on this replica; on the others within their key ring's
+    refresh (1 s)."""
+    if not await asyncio.to_thread(revoke_key, db, key_id):
+        raise NotFound(f"No active key with id {key_id}.", param="key_id")
+    keys.evict(key_id)
+    row = await asyncio.to_thread(get_key, db, key_id)
+    assert row is not None
+    return KeyView.of(row)
+
+
 @get("/policy", summary="The routing policy in force")
 async def get_policy(policy_store: PolicyStore | None) -> PolicyStatus:
     """Its version (1 at start, +1 per applied edit), when it was loaded, and the last refused
@@ -121,7 +189,18 @@ async def get_policy(policy_store: PolicyStore | None) -> PolicyStatus:
 
 router = Router(
     "/admin",
-    route_handlers=[flush_recorder, list_records, get_record, *tasks.ROUTES, get_policy],
+    route_handlers=[
+        flush_recorder,
+        list_records,
+        get_record,
+        *tasks.ROUTES,
+        get_policy,
+        keys_list,
+        keys_create,
+        keys_show,
+        keys_update,
+        keys_revoke,
+    ],
     guards=[admin_only],
     tags=["admin"],
     exception_handlers=ERRORS,

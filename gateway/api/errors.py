@@ -28,6 +28,8 @@ _STATUS_TYPES = {
 
 def _gateway_error(_: Request[Any, Any, Any], exc: GatewayError) -> Response[bytes]:
     headers = {"retry-after": "1"} if exc.status in (429, 503) else None
+    if exc.headers:
+        headers = {**(headers or {}), **exc.headers}
     if exc.status == 405:
         headers = {"allow": "POST"}
     if isinstance(exc, UpstreamError):

@@ -118,7 +118,7 @@ async def list_pairs(
     return PairList(data=pairs)
 
 
-async def _move(
+async def move_task(
     db: Database,
     tasks: TaskTable,
     policy_store: PolicyStore | None,
@@ -128,10 +128,14 @@ async def _move(
     *,
     adapter: str | None = None,
     canary_step: int | None = None,
+    source: str = SOURCE,
 ) -> TaskDetail:
+    """An engineer's move, applied to the store and then to this process's routing; the admin API
+    and the console (``source``) both move tasks through here. Raises ``Conflict`` for a move
+    that makes no sense now, ``UnknownTask``/``UnknownAdapter`` for names that do not exist."""
     task = stored_name(task)
     canary = policy_store.policy.for_task(task).canary if policy_store is not None else list(DEFAULT_CANARY)
-    text = f"forced through the admin API: {reason or move}"
+    text = f"forced through the {source}: {reason or move}"
     try:
         moved = await asyncio.to_thread(
             force_move,
@@ -139,7 +143,7 @@ async def _move(
             task,
             move,
             text,
-            source=SOURCE,
+            source=source,
             adapter=adapter,
             canary_step=canary_step,
             canary=canary,
@@ -161,7 +165,7 @@ async def promote_task(
 ) -> TaskDetail:
     """To the next stage or canary step (training → shadow → canary steps → serving), now,
     without waiting for the gate's evidence."""
-    return await _move(db, tasks, policy_store, task, "promote", data.reason if data else None)
+    return await move_task(db, tasks, policy_store, task, "promote", data.reason if data else None)
 
 
 @post(
@@ -177,7 +181,7 @@ async def rollback_task(
     data: MoveRequest | None = None,
 ) -> TaskDetail:
     """The teacher answers all of the task's traffic from now on (stage ``rolled_back``)."""
-    return await _move(db, tasks, policy_store, task, "rollback", data.reason if data else None)
+    return await move_task(db, tasks, policy_store, task, "rollback", data.reason if data else None)
 
 
 @post(["/tasks/{task:str}/pause", "/task/pause"], status_code=200, summary="Pause a task")
@@ -189,7 +193,7 @@ async def pause_task(
     data: MoveRequest | None = None,
 ) -> TaskDetail:
     """The teacher answers everything and the gate leaves the task alone until it is resumed."""
-    return await _move(db, tasks, policy_store, task, "pause", data.reason if data else None)
+    return await move_task(db, tasks, policy_store, task, "pause", data.reason if data else None)
 
 
 @post(["/tasks/{task:str}/resume", "/task/resume"], status_code=200, summary="Resume a paused task")
@@ -201,7 +205,7 @@ async def resume_task(
     data: MoveRequest | None = None,
 ) -> TaskDetail:
     """Back to the stage (and canary step) the task was paused in."""
-    return await _move(db, tasks, policy_store, task, "resume", data.reason if data else None)
+    return await move_task(db, tasks, policy_store, task, "resume", data.reason if data else None)
 
 
 @post(
@@ -213,7 +217,7 @@ async def transition(
     db: Database, tasks: TaskTable, policy_store: PolicyStore | None, task: str, data: TransitionRequest
 ) -> TaskDetail:
     """Any stage, optionally with another registered adapter; shadow, canary and serving need one."""
-    return await _move(
+    return await move_task(
         db,
         tasks,
         policy_store,

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, Column, DateTime, LargeBinary, String, Text, TypeDecorator
+from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, LargeBinary, String, Text, TypeDecorator
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlmodel import Field, SQLModel
 
@@ -71,7 +71,13 @@ class StageType(TypeDecorator[Stage]):
 
 
 class Record(SQLModel, table=True):
-    """One request/response exchange, as the client saw it."""
+    """One request/response exchange, as the client saw it.
+
+    On PostgreSQL the table is partitioned by month of ``created_at`` (``gateway.store.partitions``),
+    its primary key ``(id, created_at)``; the ids stay unique (``new_id``).
+    """
+
+    __table_args__ = (Index("ix_record_task_created_at", "task", "created_at"),)
 
     id: str = Field(default_factory=new_id, primary_key=True, max_length=40)
     created_at: datetime = Field(default_factory=utcnow, index=True, sa_type=UTCDateTime)
@@ -102,6 +108,9 @@ class Record(SQLModel, table=True):
     feedback: dict[str, Any] | None = Field(default=None, sa_column=Column(JSONType))
     shadow: dict[str, Any] | None = Field(default=None, sa_column=Column(JSONType))
     """Student answer and scores where this exchange was mirrored (also in ``ShadowPair``)."""
+    redacted: bool | None = None
+    """True when redaction replaced something in this record's content: such records are not
+    trained on unless the task's policy says ``redact.train_on_redacted`` (``gateway.redaction``)."""
 
 
 class ApiKey(SQLModel, table=True):
@@ -115,6 +124,22 @@ class ApiKey(SQLModel, table=True):
     admin: bool = False
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
     revoked_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    expires_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    """Past this the key is refused like a revoked one; None never expires."""
+    updated_at: datetime = Field(default_factory=utcnow, index=True, sa_type=UTCDateTime)
+    """Set by every change, so each replica's key ring re-reads only the keys changed lately."""
+    tasks: list[str] | None = Field(default=None, sa_column=Column(JSONType))
+    """The tasks this key may call (403 ``task_not_allowed`` outside them); None allows all."""
+    rpm: int | None = None
+    """Requests per minute, across all replicas; None is unlimited."""
+    tpm: int | None = None
+    """Prompt plus completion tokens per minute."""
+    budget_usd: float | None = None
+    """Spend (the ledger's cost of every exchange the key made) allowed per ``budget_period``."""
+    budget_period: str = Field(default="month", max_length=8)
+    """``day`` | ``week`` | ``month`` (calendar, UTC)."""
+    task_limits: dict[str, Any] | None = Field(default=None, sa_column=Column(JSONType))
+    """Per task: ``{"rpm", "tpm", "budget_usd"}`` limits of this key on that task."""
 
 
 class Task(SQLModel, table=True):
@@ -142,6 +167,8 @@ class Task(SQLModel, table=True):
 
 class TaskTransition(SQLModel, table=True):
     """A stage change with its reason and the numbers behind it."""
+
+    __table_args__ = (Index("ix_tasktransition_task_created_at", "task", "created_at"),)
 
     id: int | None = Field(default=None, primary_key=True)
     task: str = Field(index=True, max_length=200)
@@ -204,6 +231,8 @@ class Adapter(SQLModel, table=True):
 class ShadowPair(SQLModel, table=True):
     """A teacher answer beside the student's answer to the same request, scored."""
 
+    __table_args__ = (Index("ix_shadowpair_task_adapter_created_at", "task", "adapter", "created_at"),)
+
     id: int | None = Field(default=None, primary_key=True)
     record_id: str = Field(index=True, max_length=40)
     task: str = Field(index=True, max_length=200)
@@ -240,3 +269,39 @@ class TrainingLock(SQLModel, table=True):
     owner: str = Field(max_length=200)
     acquired_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
     expires_at: datetime = Field(sa_type=UTCDateTime)
+
+
+class Usage(SQLModel, table=True):
+    """Shared usage counters behind the per-key limits: every replica adds what it admitted and
+    reads the sums back once a second (``gateway.limits``). ``task`` is ``""`` for the key as a
+    whole; ``window`` is ``minute`` (rpm, tpm) or the budget's period (``day``/``week``/``month``)."""
+
+    __table_args__ = (Index("ix_usage_window_start", "window", "start"),)
+
+    key_id: int = Field(primary_key=True)
+    task: str = Field(primary_key=True, max_length=200)
+    window: str = Field(primary_key=True, max_length=8)
+    start: datetime = Field(primary_key=True, sa_type=UTCDateTime)
+    requests: int = Field(default=0, sa_type=BigInteger)
+    tokens: int = Field(default=0, sa_type=BigInteger)
+    spend_usd: float = 0.0
+
+
+class AnswerCheck(SQLModel, table=True):
+    """A teacher answer scored by a second model before it may become training data
+    (``trainer.validation``). One row per record: the result is computed once and kept; an
+    answer under the task's ``validate.min_score`` stays in ``record`` and is left out of datasets."""
+
+    __tablename__ = "answer_check"
+    __table_args__ = (Index("ix_answer_check_task_passed", "task", "passed"),)
+
+    record_id: str = Field(primary_key=True, max_length=40)
+    task: str = Field(max_length=200)
+    score: float | None = None
+    """0..1; None when the checker's reply held no score (counted as not checked)."""
+    passed: bool = True
+    checker: str = Field(default="", max_length=200)
+    """The checking model."""
+    detail: str | None = Field(default=None, sa_column=Column(Text))
+    cost_usd: float = 0.0
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)

@@ -45,6 +45,8 @@ class RecordView(msgspec.Struct, kw_only=True):
     cache_hit: bool
     feedback: dict[str, Any] | None
     shadow: dict[str, Any] | None
+    redacted: bool | None = None
+    """Redaction replaced something in this record's content (``gateway.redaction``)."""
 
 
 def _view(row: Record) -> RecordView:
@@ -57,6 +59,40 @@ def recent_records(db: Database, *, task: str | None = None, limit: int = 50) ->
         stmt = select(Record).order_by(col(Record.created_at).desc()).limit(limit)
         if task is not None:
             stmt = stmt.where(Record.task == task)
+        return [_view(row) for row in session.exec(stmt)]
+
+
+class RecordSearch(msgspec.Struct, kw_only=True, frozen=True):
+    """What a records search filters on; each field left ``None`` matches everything."""
+
+    task: str | None = None
+    target: str | None = None
+    """``teacher``, ``cache``, ``student`` (any adapter) or ``student:<adapter>``."""
+    status: int | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+
+
+def search_records(
+    db: Database, search: RecordSearch, *, offset: int = 0, limit: int = 50
+) -> list[RecordView]:
+    """One page of the records ``search`` matches, newest first (``limit + 1`` asked for tells a
+    caller whether another page follows)."""
+    stmt = select(Record)
+    if search.task is not None:
+        stmt = stmt.where(Record.task == search.task)
+    if search.target == "student":
+        stmt = stmt.where(col(Record.target).startswith("student:"))
+    elif search.target is not None:
+        stmt = stmt.where(Record.target == search.target)
+    if search.status is not None:
+        stmt = stmt.where(Record.status == search.status)
+    if search.since is not None:
+        stmt = stmt.where(col(Record.created_at) >= search.since)
+    if search.until is not None:
+        stmt = stmt.where(col(Record.created_at) < search.until)
+    stmt = stmt.order_by(col(Record.created_at).desc(), col(Record.id).desc()).offset(offset).limit(limit)
+    with db.session() as session:
         return [_view(row) for row in session.exec(stmt)]
 
 

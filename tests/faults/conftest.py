@@ -20,7 +20,7 @@ from sqlalchemy import text
 
 from demo.teacher import ScriptedTeacher
 from gateway.app import ServingParts, create_app
-from gateway.auth import create_key
+from gateway.keys import create_key
 from gateway.recorder import Recorder
 from gateway.settings import Settings
 from gateway.store.db import Database

@@ -9,7 +9,7 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.soft_labels import capture_top_k, strip_json, strip_sse, top_logprobs_of
+from gateway.soft_labels import capture_top_k, strip_json, strip_sse
 
 text = st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=12)
 token = st.fixed_dictionaries(
@@ -117,28 +117,3 @@ def test_capture_is_sampled_and_never_overrides_the_client() -> None:
     assert capture_top_k({**body, "top_logprobs": 2}, "chat.completions", 1.0, 5, draw=0.0) is None
     assert capture_top_k(body, "embeddings", 1.0, 5, draw=0.0) is None
     assert capture_top_k(body, "chat.completions", 0.0, 5, draw=0.0) is None
-
-
-def test_top_logprobs_are_read_back_from_a_stored_answer() -> None:
-    stored = {
-        "choices": [
-            {
-                "message": {"content": "ab"},
-                "logprobs": {
-                    "content": [
-                        {
-                            "token": "a",
-                            "logprob": -0.1,
-                            "top_logprobs": [
-                                {"token": "a", "logprob": -0.1},
-                                {"token": "b", "logprob": -2.5},
-                            ],
-                        },
-                        {"token": "b", "logprob": -0.2, "top_logprobs": []},
-                    ]
-                },
-            }
-        ]
-    }
-    assert top_logprobs_of(stored) == [[("a", -0.1), ("b", -2.5)], [("b", -0.2)]]
-    assert top_logprobs_of({"choices": [{"logprobs": None}]}) is None

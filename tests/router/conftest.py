@@ -25,7 +25,7 @@ from pydantic import SecretStr
 
 from demo.teacher import ScriptedTeacher, last_user_text
 from gateway.app import ServingParts, create_app
-from gateway.auth import create_key
+from gateway.keys import create_key
 from gateway.settings import AuthSettings, RecorderSettings, Settings
 from gateway.store.models import Stage
 from router.decide import StudentEnvelope, estimate_prompt_tokens
@@ -94,7 +94,7 @@ def agreeing_student(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) 
         selection.train,
         [],
         out,
-        FinetuneConfig(method="full", learning_rate=3e-3, epochs=8, batch_size=4, max_seq_len=256),
+        FinetuneConfig(method="full", learning_rate=3e-3, epochs=8, batch_tokens=1024, max_seq_len=256),
     )
     return StudentModel(out, _envelope(records))
 

@@ -213,7 +213,7 @@ def intent_lora(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> P
             lora_alpha=16,
             learning_rate=2e-2,
             max_seq_len=128,
-            batch_size=4,
+            batch_tokens=512,
             max_steps=4,
         ),
     )
@@ -237,7 +237,7 @@ def weather_full(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> 
             method="full",
             learning_rate=1e-2,
             max_seq_len=320,
-            batch_size=1,
+            batch_tokens=320,
             epochs=1000,
             max_steps=30,
             warmup_ratio=0.1,

@@ -40,7 +40,7 @@ def config(tmp_path: Path, tiny_model: Path) -> Path:
             "train": {
                 "method": "lora",
                 "epochs": 1,
-                "batch_size": 4,
+                "batch_tokens": 1280,
                 "max_seq_len": 320,
                 "holdout": 0.25,
                 "lora_rank": 8,

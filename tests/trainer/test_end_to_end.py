@@ -94,7 +94,7 @@ def task_policy(**train: Any) -> TaskPolicy:
     values = {
         "holdout": 0.2,
         "max_seq_len": 256,
-        "batch_size": 4,
+        "batch_tokens": 1024,
         "learning_rate": 2e-2,
         "lora_rank": 8,
         "lora_alpha": 16,

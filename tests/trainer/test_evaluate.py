@@ -9,7 +9,7 @@ import pytest
 
 from tests.trainer.conftest import intent_records, weather_call, weather_records
 from trainer.dataset import DatasetOptions, select_examples
-from trainer.evaluate import evaluate, evaluate_adapter, exact_match, response_of
+from trainer.evaluate import evaluate, evaluate_adapter, exact_match, response_of, teacher_answer_tokens
 from trainer.generation import StudentModels
 
 
@@ -72,3 +72,19 @@ def test_an_intent_student_is_scored_on_every_held_out_prompt(tiny_model: Path, 
     assert result.n == len(holdout) > 0 and len(result.samples) == 3
     assert 0.0 <= result.agreement <= 1.0 and result.latency_ms_p50 > 0
     assert result.metrics()["n"] == len(holdout)
+
+
+def test_held_out_prompts_are_batched_and_capped_near_the_teachers_length(
+    tiny_model: Path, intent_lora: Path
+) -> None:
+    holdout = select_examples(intent_records("intent", 40), DatasetOptions(holdout=0.25)).holdout
+    with StudentModels(str(tiny_model)) as models:
+        teacher = [teacher_answer_tokens(models.tokenizer, e) for e in holdout]
+        assert all(0 < t < 8 for t in teacher)  # one word and the end-of-turn token
+        capped = evaluate(models, models.base_name, holdout, answer_slack=2)
+        # The untrained base never ends a turn: every answer runs to its cap, none to 512.
+        assert capped.completion_tokens == sum(t + 2 for t in teacher)
+        assert models.stats.max_batch > 1 and models.stats.rows > models.stats.steps
+        uncapped = evaluate(models, models.base_name, holdout[:2], answer_slack=None, max_tokens=20)
+        assert uncapped.completion_tokens == 40
+        assert capped.metrics()["completion_tokens"] == capped.completion_tokens and capped.wall_s > 0

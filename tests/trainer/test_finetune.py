@@ -27,7 +27,7 @@ def config(method: str, **overrides: object) -> FinetuneConfig:
     values: dict[str, object] = {
         "method": method,
         "epochs": 3,
-        "batch_size": 4,
+        "batch_tokens": 1280,
         "max_seq_len": 320,
         "learning_rate": 2e-2 if method == "lora" else 3e-3,
         "lora_rank": 8,
@@ -121,15 +121,15 @@ def test_examples_longer_than_max_seq_len_are_dropped_not_cut(
 
 def test_config_from_policy_takes_the_train_section() -> None:
     policy = TrainPolicy(
-        method="full", epochs=2, learning_rate=1e-4, batch_size=4, max_seq_len=256, lora_rank=32
+        method="full", epochs=2, learning_rate=1e-4, batch_tokens=1024, max_seq_len=256, lora_rank=32
     )
     cfg = FinetuneConfig.from_policy(policy, seed=3)
     assert (
         cfg.method,
         cfg.epochs,
         cfg.learning_rate,
-        cfg.batch_size,
+        cfg.batch_tokens,
         cfg.max_seq_len,
         cfg.lora_rank,
         cfg.seed,
-    ) == ("full", 2, 1e-4, 4, 256, 32, 3)
+    ) == ("full", 2, 1e-4, 1024, 256, 32, 3)

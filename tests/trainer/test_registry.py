@@ -34,7 +34,7 @@ def small_policy(**train: object) -> TaskPolicy:
     values = {
         "method": "lora",
         "epochs": 1,
-        "batch_size": 4,
+        "batch_tokens": 1280,
         "max_seq_len": 320,
         "holdout": 0.2,
         "learning_rate": 2e-2,
@@ -136,7 +136,7 @@ def test_train_task_turns_records_into_a_registered_adapter(
         small_policy(),
         str(tiny_model),
         tmp_path / "adapters",
-        config=FinetuneConfig(method="full", max_steps=1, max_seq_len=320, batch_size=4),
+        config=FinetuneConfig(method="full", max_steps=1, max_seq_len=320, batch_tokens=1280),
     )
     assert again.adapter.name == f"{task}@v2" and again.adapter.method == "full"
     assert (Path(again.adapter.path) / "model.safetensors").is_file()

@@ -3,11 +3,13 @@ or back to collecting with the reason; one trainer per task across workers (a le
 
 from __future__ import annotations
 
+import random
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
 
 from demo.teacher import ScriptedTeacher
@@ -16,6 +18,7 @@ from gateway.store.models import Stage, Task, TaskTransition, TrainingLock, utcn
 from router.policy import Policy, parse_policy
 from tests.conftest import RunningGateway
 from tests.servers import ServerThread
+from tests.trainer.conftest import INTENT_SYSTEM, intent_email
 from tests.trainer.test_end_to_end import TASK, intent_teacher, send_traffic
 from trainer.scheduler import Scheduler, TrainingLease, due_reason
 
@@ -26,7 +29,7 @@ def loop_policy(teacher_url: str, student_url: str, base_model: Path, **train: A
         "min_new_records": 50,
         "holdout": 0.2,
         "max_seq_len": 256,
-        "batch_size": 4,
+        "batch_tokens": 1024,
         "learning_rate": 3e-3,
         "epochs": 15,
         "schedule": "1h",
@@ -218,3 +221,47 @@ def test_a_task_left_in_training_by_a_dead_trainer_goes_back_to_collecting(datab
     assert orphan.reason is not None and "interrupted" in orphan.reason
     assert busy is not None and busy.stage == Stage.training.value
     db.dispose()
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_task_whose_teacher_answers_at_random_is_never_promoted_and_says_why(
+    teacher: tuple[ScriptedTeacher, ServerThread],
+    gateway: RunningGateway,
+    student: ServerThread,
+    tiny_model: Path,
+    tmp_path: Path,
+) -> None:
+    """Answers that do not depend on the prompt cannot be learnt: the trained candidate scores
+    at chance on held-out answers and the task stays on the teacher, with the numbers."""
+    rng = random.Random(11)
+    words = [f"{a}{b}" for a in ("zo", "ka", "mi", "te", "ru") for b in ("lin", "par", "vos", "dek")]
+    teacher[0].answer_fn = lambda body: {"role": "assistant", "content": rng.choice(words)}
+    send_traffic_unchecked(gateway, 80)
+    db = gateway.db()
+    policy = loop_policy(teacher[1].url, student.url, tiny_model, epochs=3)
+
+    (event,) = Scheduler(db, lambda: policy, tmp_path / "adapters").tick()
+
+    assert event.outcome == "rejected", event.reason
+    assert event.numbers["finetuned"] < 0.8 and event.numbers["holdout_examples"] >= 10
+    with db.session() as session:
+        task = session.get(Task, TASK)
+    assert task is not None and task.stage == Stage.collecting.value and task.adapter is None
+    assert task.reason is not None and "offline agreement" in task.reason
+    assert "below the bar" in task.reason and "stays on the teacher" in task.reason
+    assert httpx.get(student.url + "/v1/models").json()["data"][1:] == []  # nothing was published
+
+
+def send_traffic_unchecked(gateway: RunningGateway, n: int) -> None:
+    """``n`` intent emails through the gateway whatever the teacher answers; recorded."""
+    client = openai.OpenAI(base_url=gateway.v1, api_key=gateway.key, max_retries=0)
+    rng = random.Random(3)
+    for i in range(n):
+        email, _ = intent_email(i, rng)
+        client.chat.completions.create(
+            model="teacher-large",
+            messages=[{"role": "system", "content": INTENT_SYSTEM}, {"role": "user", "content": email}],
+            metadata={"task": TASK},
+            temperature=0,
+        )
+    gateway.flush()
