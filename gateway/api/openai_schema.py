@@ -119,6 +119,7 @@ def _operations() -> tuple[dict[str, PathItem], dict[str, Schema]]:
     document = Litestar(
         route_handlers=[_chat, _completions, _embeddings],
         openapi_config=OpenAPIConfig(title="openai", version="1"),
+        logging_config=None,  # Litestar's default would configure the process's root logger
     ).openapi_schema
     return dict(document.paths or {}), dict(document.components.schemas or {})
 
