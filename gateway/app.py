@@ -14,6 +14,7 @@ from litestar.openapi import OpenAPIConfig
 
 from gateway import __version__
 from gateway.api import admin, errors, feedback, health, openai
+from gateway.api.openai_schema import document_openai_routes
 from gateway.auth import KeyRing
 from gateway.cache import PromptCache
 from gateway.console import console_router
@@ -41,6 +42,7 @@ from gateway.retention import Pruner
 from gateway.settings import Settings
 from gateway.shedding import Admission, LoopLag
 from gateway.store.db import Database
+from gateway.task_limits import TaskCaps
 from gateway.task_table import TaskTable
 from gateway.upstream import Upstreams
 from router.policy import Policy
@@ -101,7 +103,7 @@ async def _serving_parts(
     db = await enter(database(settings))
     store = await enter(live_policy(settings, given))
     policy = policy_reader(store)
-    metrics = Metrics()
+    metrics = Metrics(max_task_labels=settings.tasks.max_task_labels)
     redactor = Redactor(policy, metrics)
     upstreams = await enter(Upstreams(settings.upstream))
     if store is not None:
@@ -111,14 +113,15 @@ async def _serving_parts(
     cache = await enter(caching(PromptCache(db)))
     cache.keeps_out = redactor.finds
     tasks = await enter(TaskTable(db, metrics, policy))
+    task_caps = TaskCaps(settings.tasks, lambda: tasks.rows, db)
     promoter = Promoter(db, policy)
     promoter.on_transition.append(tasks.gate_moved)
     shadow = ShadowMirror(db, policy, upstreams.ask_student, upstreams.ask_teacher)
     shadow.redact = redactor.value
     shadow.on_pair.append(
-        lambda p: metrics.shadow_score.labels(p.job.task, p.job.adapter, p.scorer).observe(p.score)
+        lambda p: metrics.child(metrics.shadow_score, p.job.task, p.job.adapter, p.scorer).observe(p.score)
     )
-    shadow.on_drop.append(lambda job: metrics.shadow_dropped.labels(job.task).inc())
+    shadow.on_drop.append(lambda job: metrics.child(metrics.shadow_dropped, job.task).inc())
 
     def gate(batch: list[ScoredPair]) -> None:
         """After shadow pairs are stored: run the gate for the tasks they belong to."""
@@ -145,6 +148,7 @@ async def _serving_parts(
         keys=keys,
         policy=policy,
         tasks=tasks,
+        task_caps=task_caps,
         cache=cache,
         upstreams=upstreams,
         recorder=recorder,
@@ -222,6 +226,7 @@ def create_app(
         dependencies=dependencies(*PARTS),
         exception_handlers=errors.HANDLERS,
         openapi_config=OpenAPIConfig(title="distillgate", version=__version__, path="/docs"),
+        on_startup=[document_openai_routes],
         request_max_body_size=settings.max_body_bytes,
         logging_config=None,
     )

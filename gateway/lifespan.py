@@ -122,7 +122,9 @@ async def training(
     trainer = scheduler(db, policy)
     trainer.on_task.append(tasks.apply)
     trainer.on_event.append(
-        lambda e: metrics.training_runs.labels(e.task, e.outcome).inc() if e.outcome != "skipped" else None
+        lambda e: (
+            metrics.child(metrics.training_runs, e.task, e.outcome).inc() if e.outcome != "skipped" else None
+        )
     )
 
     def checked(counts: Any) -> None:

@@ -40,15 +40,22 @@ OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 
 SCORE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.99, 1.0)
 
 
+OTHER_TASKS = "_other"
+"""The ``task`` label of every task past ``max_task_labels``: ``/metrics`` stays bounded."""
+
+
 def multiprocess_dir() -> str | None:
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
 
 
 class Metrics:
-    """Every metric the gateway exports."""
+    """Every metric the gateway exports. At most ``max_task_labels`` tasks get their own ``task``
+    label (the first seen); the rest are counted together under ``_other``."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, max_task_labels: int = 200) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self.max_task_labels = max_task_labels
+        self._task_labels: set[str] = set()
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         r = self.registry
         p = "distillgate_"
@@ -206,14 +213,32 @@ class Metrics:
         )
 
     def child(self, metric: Any, *labels: str) -> Any:
-        """``metric.labels(*labels)``, remembered: the lookup is measurable on the hot path."""
+        """``metric.labels(*labels)``, remembered: the lookup is measurable on the hot path. A
+        ``task`` label (always the first) is capped by ``task_label``."""
         key = (id(metric), labels)
         found = self._children.get(key)
         if found is None:
             if len(self._children) > 100_000:
                 self._children.clear()
+            if metric._labelnames and metric._labelnames[0] == "task":
+                labels = (self.task_label(labels[0]), *labels[1:])
             found = self._children[key] = metric.labels(*labels)
         return found
+
+    def task_label(self, task: str) -> str:
+        """``task`` itself while fewer than ``max_task_labels`` tasks have a label, else ``_other``."""
+        known = self._task_labels
+        if task in known:
+            return task
+        if len(known) < self.max_task_labels:
+            known.add(task)
+            return task
+        return OTHER_TASKS
+
+    def has_task_label(self, task: str) -> bool:
+        """Whether per-task gauges (stage, traffic ratio) are exported for ``task``; they cannot be
+        summed into ``_other``, so tasks past the cap have none."""
+        return self.task_label(task) != OTHER_TASKS
 
     def render(self) -> bytes:
         if multiprocess_dir():
@@ -223,5 +248,7 @@ class Metrics:
         return generate_latest(self.registry)
 
     def set_stage(self, task: str, stage: Stage) -> None:
+        if not self.has_task_label(task):
+            return
         for name in Stage:
             self.task_stage.labels(task, name).set(1.0 if name == stage else 0.0)

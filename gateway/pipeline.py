@@ -35,6 +35,7 @@ from gateway.protocol import (
 )
 from gateway.recorder import Exchange, Recorder
 from gateway.store.models import Stage, new_id
+from gateway.task_limits import TaskCaps
 from gateway.task_table import TaskTable
 from gateway.upstream import Upstream, UpstreamAnswer, Upstreams
 from router.decide import (
@@ -169,6 +170,7 @@ class Pipeline:
         keys: KeyRing,
         policy: Callable[[], Policy | None],
         tasks: TaskTable,
+        task_caps: TaskCaps,
         cache: PromptCache,
         upstreams: Upstreams,
         recorder: Recorder,
@@ -182,6 +184,7 @@ class Pipeline:
         self.limits = limits
         self.policy = policy
         self.tasks = tasks
+        self.task_caps = task_caps
         self.cache = cache
         self.upstreams = upstreams
         self.recorder = recorder
@@ -206,7 +209,7 @@ class Pipeline:
             headers,
             caller,
             started,
-            task=task_key(req.metadata, headers.get(TASK_HEADER), req),
+            task=self.task_caps.admit(task_key(req.metadata, headers.get(TASK_HEADER), req), caller.key_id),
             model=req.model,
             stream=bool(req.stream),
         )
@@ -216,6 +219,17 @@ class Pipeline:
         hit = await self._consult_cache(call, req, headers)
         if hit is not None:
             return self._serve_cached(call, hit, include_usage)
+        try:
+            return await self._route_chat(call, headers, caller, include_usage)
+        except BaseException:
+            # Whatever broke, the requests waiting on this one's answer must not wait for ever.
+            if call.cache_lead:
+                self._settle_cache(call, 502, None)
+            raise
+
+    async def _route_chat(
+        self, call: Call, headers: Mapping[str, str], caller: Caller, include_usage: bool
+    ) -> Reply:
         teacher = self.upstreams.require_teacher()
         decision = self._decide(call, headers, caller.admin)
         if decision is not None and decision.target == "student" and decision.adapter:
@@ -288,7 +302,7 @@ class Pipeline:
             headers,
             caller,
             started,
-            task=task_key(req.metadata, headers.get(TASK_HEADER), None),
+            task=self.task_caps.admit(task_key(req.metadata, headers.get(TASK_HEADER), None), caller.key_id),
             model=req.model,
             stream=bool(getattr(req, "stream", False)),
         )
@@ -355,11 +369,7 @@ class Pipeline:
         if may_read:
             hit = await self.cache.get(key)
             if hit is None:
-                waiting = self.cache.lead_or_follow(key)
-                if waiting is None:
-                    call.cache_lead = True
-                else:
-                    hit = await waiting  # the leader's answer; None if it failed
+                hit = await self._lead_or_wait(call, key)
             if hit is not None:
                 self.metrics.child(self.metrics.cache_requests, call.task, "hit").inc()
                 return hit
@@ -369,6 +379,23 @@ class Pipeline:
             call.cache_max_bytes = task_policy.cache.max_entry_bytes
         self.metrics.child(self.metrics.cache_requests, call.task, "miss" if may_read else "bypass").inc()
         return None
+
+    async def _lead_or_wait(self, call: Call, key: str) -> bytes | None:
+        """Lead a coalesced miss (None: ``call.cache_lead`` set), or the leader's answer. A
+        follower whose leader failed tries once more, leading if nobody else does; a second
+        failure is its own, OpenAI-shaped, rather than a third call of an upstream that fails."""
+        for _ in range(2):
+            waiting = self.cache.lead_or_follow(key)
+            if waiting is None:
+                call.cache_lead = True
+                return None
+            # Shielded: a follower that leaves (client gone) must not cancel the others' future.
+            answer = await asyncio.shield(waiting)
+            if answer is not None:
+                return answer
+        raise UpstreamError(
+            "The identical request this one waited for failed twice; try again.", code="coalesced_failure"
+        )
 
     def _serve_cached(self, call: Call, hit: bytes, include_usage: bool) -> Reply:
         """Answer from the cache (no upstream call); replayed as SSE when the client streams."""
@@ -454,15 +481,26 @@ class Pipeline:
         payload, strip_usage = self._payload(call, include_usage)
         upstream_started = time.perf_counter()
         try:
-            answer = await upstream.send(call.path, payload)
+            answer = await upstream.send(call.path, payload, whole=not call.stream)
+            if call.stream and answer.status < 400 and "html" not in answer.content_type:
+                return self._stream(call, answer, TEACHER, upstream_started, strip_usage)
+            try:
+                data = await answer.read()
+            except OSError as exc:  # a cut or stalled error body (TimeoutError is an OSError)
+                raise UpstreamError(
+                    f"The teacher's answer broke off after its headers ({type(exc).__name__})."
+                ) from None
+            if answer.status < 400 and not _is_json_answer(data, answer.content_type):
+                raise UpstreamError(
+                    f"The teacher answered HTTP {answer.status} with a body that is not a JSON object"
+                    f" ({answer.content_type or 'no content type'}).",
+                    code="upstream_invalid_response",
+                )
         except UpstreamError as exc:
             self.metrics.upstream_errors.labels("teacher", exc.code or "error").inc()
             latency = time.perf_counter() - call.started
             self._finish(call, TEACHER, exc.status, latency, latency, error=exc.message)
             raise
-        if call.stream and answer.status < 400:
-            return self._stream(call, answer, TEACHER, upstream_started, strip_usage)
-        data = await answer.read()
         if answer.status >= 400:
             data = _as_openai_error(data, answer.status, TEACHER)
             self.metrics.upstream_errors.labels("teacher", f"http_{answer.status}").inc()
@@ -533,6 +571,8 @@ class Pipeline:
         """A whole answer: finished at once, then sent as it came (``recorded``: what the record
         keeps when it differs from what the client gets)."""
         headers = self._reply_headers(call, target)  # before the finish step settles the cache
+        if answer.status >= 429:
+            _pass_retry_headers(answer, headers)
         now = time.perf_counter()
         self._finish(
             call,
@@ -814,6 +854,27 @@ def _is_error_event(chunk: bytes) -> bool:
     except orjson.JSONDecodeError:
         return False
     return isinstance(parsed, dict) and "error" in parsed and "choices" not in parsed
+
+
+def _is_json_answer(data: bytes, content_type: str) -> bool:
+    """Whether a success body is what an OpenAI-compatible server answers: a JSON object."""
+    if "html" in content_type:
+        return False
+    try:
+        return isinstance(orjson.loads(data), dict)
+    except orjson.JSONDecodeError:
+        return False
+
+
+def _pass_retry_headers(answer: UpstreamAnswer, headers: dict[str, str]) -> None:
+    """The teacher's ``Retry-After`` reaches the client (a 429 says when to come back); after a
+    5xx the gateway already retried within its budget, so SDKs are told not to multiply it
+    (the OpenAI SDKs honour ``x-should-retry``)."""
+    retry_after = answer.headers.get("retry-after")
+    if retry_after is not None and retry_after.isprintable() and len(retry_after) <= 64:
+        headers["retry-after"] = retry_after
+    if answer.status >= 500:
+        headers["x-should-retry"] = "false"
 
 
 def _as_openai_error(data: bytes, status: int, target: Target) -> bytes:

@@ -74,6 +74,11 @@ class EmbeddingRequest(msgspec.Struct, omit_defaults=True):
 _PATH = re.compile(r"at `\$\.?([^`]*)`")
 
 
+MAX_DEPTH = 128
+"""Deepest JSON nesting accepted in a body. orjson parses 1,024 levels but serialises only ~254,
+and a record must be written back out (issue 14): nothing an OpenAI request needs comes close."""
+
+
 def decode_body(raw: bytes) -> dict[str, Any]:
     """Parse a JSON object body or raise ``InvalidRequest`` saying what is wrong."""
     if not raw:
@@ -84,7 +89,33 @@ def decode_body(raw: bytes) -> dict[str, Any]:
         raise InvalidRequest(f"The request body is not valid JSON: {exc}.", code="invalid_json") from None
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
+    # Counting brackets runs in C; only a body that could be too deep is walked.
+    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH:
+        check_depth(body)
     return body
+
+
+def check_depth(body: dict[str, Any]) -> None:
+    """Refuse a body nested deeper than ``MAX_DEPTH``; ``param`` names the top-level field."""
+    for name, value in body.items():
+        if isinstance(value, (dict, list)) and _depth_exceeds(value, MAX_DEPTH - 1):
+            raise InvalidRequest(
+                f"'{name}' is nested deeper than {MAX_DEPTH} levels.",
+                param=str(name),
+                code="nesting_too_deep",
+            )
+
+
+def _depth_exceeds(value: dict[str, Any] | list[Any], budget: int) -> bool:
+    """Whether ``value`` nests more than ``budget`` levels (iterative: no recursion limit)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > budget:
+            return True
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
 
 
 T = TypeVar("T")
@@ -176,20 +207,34 @@ def _text(content: str | list[dict[str, Any]] | None) -> str:
 
 
 MAX_TASK_KEY = 200
+_PRINTABLE = re.compile(r"[\x20-\x7e]+")
+
+
+def check_header_value(value: str, param: str, what: str = "value") -> str:
+    """A client value the gateway echoes into a response header (and stores as a key): 1 to
+    ``MAX_TASK_KEY`` printable ASCII characters. Anything else would break the header (a CR or
+    LF ends it, a non-Latin-1 character cannot be encoded) after the teacher was paid."""
+    if len(value) > MAX_TASK_KEY:
+        raise InvalidRequest(
+            f"The {what} in '{param}' is longer than {MAX_TASK_KEY} characters.",
+            param=param,
+            code="invalid_value",
+        )
+    if not _PRINTABLE.fullmatch(value):
+        raise InvalidRequest(
+            f"The {what} in '{param}' must be printable ASCII (no control or non-ASCII characters).",
+            param=param,
+            code="invalid_value",
+        )
+    return value
 
 
 def task_key(metadata: dict[str, Any] | None, header: str | None, req: ChatCompletionRequest | None) -> str:
     """``metadata.task``, else the ``x-distillgate-task`` header, else a fingerprint of the system prompt."""
-    for candidate in ((metadata or {}).get("task"), header):
+    named = (metadata or {}).get("task")
+    for candidate, param in ((named, "metadata.task"), (header, "x-distillgate-task")):
         if candidate and candidate.strip():
-            key = candidate.strip()
-            if len(key) > MAX_TASK_KEY:
-                raise InvalidRequest(
-                    f"The task key is longer than {MAX_TASK_KEY} characters.",
-                    param="metadata.task",
-                    code="invalid_value",
-                )
-            return key
+            return check_header_value(candidate.strip(), param, "task name")
     prompt = system_prompt(req) if req is not None else None
     if not prompt:
         return "default"

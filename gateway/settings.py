@@ -73,6 +73,11 @@ class UpstreamSettings(BaseModel):
     """Longest silence between two bytes of an upstream answer."""
     max_retries: int = 2
     """Retries on timeouts, connection failures and 5xx, only before any byte reached the client."""
+    retry_budget_ratio: float = 0.2
+    """Retries shared by all requests to one upstream, as a share of its requests: a teacher
+    that fails every call gets about 1.2 calls per request, not ``1 + max_retries``."""
+    retry_budget_reserve: float = 10.0
+    """Retries that may be spent at once (a burst after a quiet period); the budget refills to it."""
     backoff_s: float = 0.2
     """First retry delay; doubles each retry, with jitter."""
     max_connections: int = 1000
@@ -80,6 +85,19 @@ class UpstreamSettings(BaseModel):
     trust_env: bool = True
     """Reach the teacher and the student through the proxy that ``HTTPS_PROXY``/``HTTP_PROXY``
     name (``NO_PROXY`` exempts hosts), as the OpenAI SDK and httpx do. ``false`` ignores them."""
+
+
+class TaskLimitSettings(BaseModel):
+    """How many tasks clients may name: every task costs memory, a row, routing state and metric
+    series, and any key holder can name a new one per request (``gateway/task_limits.py``)."""
+
+    max_new_per_key: int = 200
+    """New task names one API key may introduce (since this process started); past it, its
+    requests with new names fold into the ``_overflow`` task."""
+    max_tasks: int = 1000
+    """Tasks this process routes, stored ones included; past it, new names fold into ``_overflow``."""
+    max_task_labels: int = 200
+    """Tasks with their own ``task`` label in ``/metrics``; the rest are summed under ``_other``."""
 
 
 class Settings(BaseSettings):
@@ -133,6 +151,7 @@ class Settings(BaseSettings):
     auth: AuthSettings = Field(default_factory=AuthSettings)
     recorder: RecorderSettings = Field(default_factory=RecorderSettings)
     upstream: UpstreamSettings = Field(default_factory=UpstreamSettings)
+    tasks: TaskLimitSettings = Field(default_factory=TaskLimitSettings)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
 
     @classmethod

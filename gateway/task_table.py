@@ -84,9 +84,9 @@ class TaskTable:
         """``apply`` a transition and count it: a rollback, or (``promoted``) a promotion."""
         self.apply(task)
         if task.stage == Stage.rolled_back:
-            self.metrics.rollbacks.labels(task.key).inc()
+            self.metrics.child(self.metrics.rollbacks, task.key).inc()
         elif promoted:
-            self.metrics.promotions.labels(task.key).inc()
+            self.metrics.child(self.metrics.promotions, task.key).inc()
 
     def gate_moved(self, outcome: GateOutcome) -> None:
         """The gate's transitions (``Promoter.on_transition``, in the thread that ran the gate)."""
@@ -103,5 +103,6 @@ class TaskTable:
         self.task_states = {key: TaskState.from_task(task, student) for key, task in rows.items()}
         self.rows = rows
         for key, task in rows.items():
-            self.metrics.set_stage(key, task.stage)
-            self.metrics.student_ratio.labels(key).set(task.student_ratio)
+            if self.metrics.has_task_label(key):
+                self.metrics.set_stage(key, task.stage)
+                self.metrics.student_ratio.labels(key).set(task.student_ratio)

@@ -23,6 +23,29 @@ from router.policy import Policy, StudentEndpoint, TeacherEndpoint
 RETRYABLE_STATUS = frozenset({500, 502, 503, 504, 529})
 
 
+class RetryBudget:
+    """Retries shared by all requests to one upstream: each request earns ``ratio`` of a retry
+    (kept up to ``reserve``), each retry spends one. A teacher failing everything then costs
+    about ``1 + ratio`` calls per request instead of ``1 + max_retries`` (as in gRPC and Finagle)."""
+
+    __slots__ = ("ratio", "reserve", "tokens")
+
+    def __init__(self, ratio: float, reserve: float) -> None:
+        self.ratio = ratio
+        self.reserve = reserve
+        self.tokens = reserve
+
+    def earn(self) -> None:
+        tokens = self.tokens + self.ratio
+        self.tokens = tokens if tokens < self.reserve else self.reserve
+
+    def spend(self) -> bool:
+        if self.tokens < 1.0:
+            return False
+        self.tokens -= 1.0
+        return True
+
+
 @dataclass(slots=True)
 class UpstreamAnswer:
     """An upstream's answer whose status and headers have arrived; the body may still be streaming."""
@@ -68,6 +91,7 @@ class Upstream:
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
         self._get_headers = {k: v for k, v in self._headers.items() if k != "Content-Type"}
+        self.budget = RetryBudget(settings.retry_budget_ratio, settings.retry_budget_reserve)
         self.pool = Pool(
             self.base_url,
             max_connections=settings.max_connections,
@@ -79,27 +103,43 @@ class Upstream:
     async def close(self) -> None:
         await self.pool.close()
 
-    async def send(self, path: str, body: bytes, *, retries: int | None = None) -> UpstreamAnswer:
-        """POST ``body`` to ``path`` and return once status and headers are in.
+    async def send(
+        self, path: str, body: bytes, *, retries: int | None = None, whole: bool = False
+    ) -> UpstreamAnswer:
+        """POST ``body`` to ``path`` and return once status and headers are in (``whole``: once
+        the body is in too, in ``UpstreamAnswer.body``).
 
-        Timeouts, connection failures and retryable statuses are retried with exponential
-        backoff and jitter: this is before any byte reached our client, so it is safe.
+        Timeouts, connection failures, retryable statuses and (``whole``) a body cut or stalled
+        after the headers are retried with exponential backoff and jitter, within ``max_retries``
+        and the shared ``RetryBudget``: this is before any byte reached our client, so it is safe.
         Other statuses (4xx) are returned for the caller to pass through.
         """
         max_retries = self.settings.max_retries if retries is None else retries
+        self.budget.earn()
         attempt = 0
         while True:
             attempt += 1
+            resp: Response | None = None
             try:
                 resp = await self.pool.request("POST", path, self._headers, body)
+                if whole and resp.status not in RETRYABLE_STATUS:
+                    data: bytes | None = await resp.read()
+                else:
+                    data = None
             except TimeoutError as exc:
-                error: UpstreamError = UpstreamTimeout(f"The {self.name} did not answer in time.")
+                error: UpstreamError = UpstreamTimeout(
+                    f"The {self.name} did not answer in time"
+                    + (" (its body stalled after the headers)." if resp is not None else ".")
+                )
                 cause: BaseException = exc
             except OSError as exc:  # refused, reset, TLS, closed mid-answer
-                error = UpstreamError(f"The {self.name} could not be reached ({type(exc).__name__}).")
+                where = "its body was cut after the headers" if resp is not None else "could not be reached"
+                error = UpstreamError(
+                    f"The {self.name} failed: {where} ({type(exc).__name__}).", code="upstream_unavailable"
+                )
                 cause = exc
             else:
-                if resp.status in RETRYABLE_STATUS and attempt <= max_retries:
+                if resp.status in RETRYABLE_STATUS and attempt <= max_retries and self.budget.spend():
                     resp.close()
                     await asyncio.sleep(self._backoff(attempt))
                     continue
@@ -108,9 +148,12 @@ class Upstream:
                     content_type=resp.headers.get("content-type", "application/json"),
                     response=resp,
                     attempts=attempt,
+                    body=data,
                     headers=resp.headers,
                 )
-            if attempt > max_retries:
+            if resp is not None:
+                resp.close()
+            if attempt > max_retries or not self.budget.spend():
                 raise error from cause
             await asyncio.sleep(self._backoff(attempt))
 

@@ -10,7 +10,7 @@ from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.types import ExceptionHandlersMap
 
-from gateway.errors import GatewayError, error_bytes
+from gateway.errors import GatewayError, UpstreamError, error_bytes
 
 log = logging.getLogger("distillgate")
 JSON = "application/json"
@@ -32,6 +32,10 @@ def _gateway_error(_: Request[Any, Any, Any], exc: GatewayError) -> Response[byt
         headers = {**(headers or {}), **exc.headers}
     if exc.status == 405:
         headers = {"allow": "POST"}
+    if isinstance(exc, UpstreamError):
+        # The gateway retried the upstream within its budget already: an SDK retrying too
+        # would multiply the calls (the OpenAI SDKs honour this header).
+        headers = {**(headers or {}), "x-should-retry": "false"}
     return Response(content=exc.to_bytes(), status_code=exc.status, media_type=JSON, headers=headers)
 
 

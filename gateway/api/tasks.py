@@ -1,6 +1,9 @@
 """The task routes of the admin API (``/admin/tasks…``; the router in ``gateway.api.admin``
 carries their guard, tag and error handlers).
 
+Every route that names a task has two forms: ``/admin/tasks/{task}/…`` and, for a name a path
+segment cannot carry (``a/b``), ``/admin/task/…?task=a%2Fb``.
+
 Lists tasks with their stage, adapter, scores and traffic share, shows a task's transitions
 and shadow pairs, and forces moves. A move is applied to the store and then to this process's
 routing at once (``TaskTable.moved``); other replicas pick it up on their next task refresh.
@@ -15,7 +18,7 @@ import msgspec
 from litestar import get, post
 from litestar.params import Parameter
 
-from gateway.errors import Conflict
+from gateway.errors import Conflict, InvalidRequest
 from gateway.store.db import Database
 from gateway.store.models import Stage
 from gateway.task_table import TaskTable
@@ -37,6 +40,14 @@ StageName = Literal["collecting", "training", "shadow", "canary", "serving", "ro
 """The ``Stage`` names, spelled out so the schema lists them in place."""
 PairKind = Literal["shadow", "canary", "audit"]
 SOURCE = "admin API"
+
+
+def stored_name(value: str, param: str = "task") -> str:
+    """A name to look up in the store: any text but NUL (no task can hold one, and PostgreSQL
+    refuses it in a query with an error that would be a 500)."""
+    if "\x00" in value:
+        raise InvalidRequest(f"'{param}' contains a NUL character.", param=param, code="invalid_value")
+    return value
 
 
 class MoveRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -76,7 +87,7 @@ async def list_tasks(db: Database) -> TaskList:
     return TaskList(data=await asyncio.to_thread(task_rows, db))
 
 
-@get("/tasks/{task:str}", summary="One task and its transitions")
+@get(["/tasks/{task:str}", "/task"], summary="One task and its transitions")
 async def get_task(
     db: Database,
     task: str,
@@ -84,10 +95,10 @@ async def get_task(
 ) -> TaskDetail:
     """The task's row, training envelope, pair counts by kind, and its transitions (newest
     first) with the reason and the numbers behind each."""
-    return await asyncio.to_thread(task_detail, db, task, transitions)
+    return await asyncio.to_thread(task_detail, db, stored_name(task), transitions)
 
 
-@get("/tasks/{task:str}/pairs", summary="A task's recent shadow pairs with scores")
+@get(["/tasks/{task:str}/pairs", "/task/pairs"], summary="A task's recent shadow pairs with scores")
 async def list_pairs(
     db: Database,
     task: str,
@@ -96,7 +107,14 @@ async def list_pairs(
     adapter: str | None = Parameter(default=None, description="Only pairs of this adapter."),
 ) -> PairList:
     """Shadow, canary and audit pairs: scorer, score, pass, student error, and both answers."""
-    pairs = await asyncio.to_thread(recent_pairs, db, task, limit, kind=kind, adapter=adapter)
+    pairs = await asyncio.to_thread(
+        recent_pairs,
+        db,
+        stored_name(task),
+        limit,
+        kind=kind,
+        adapter=adapter and stored_name(adapter, "adapter"),
+    )
     return PairList(data=pairs)
 
 
@@ -115,6 +133,7 @@ async def move_task(
     """An engineer's move, applied to the store and then to this process's routing; the admin API
     and the console (``source``) both move tasks through here. Raises ``Conflict`` for a move
     that makes no sense now, ``UnknownTask``/``UnknownAdapter`` for names that do not exist."""
+    task = stored_name(task)
     canary = policy_store.policy.for_task(task).canary if policy_store is not None else list(DEFAULT_CANARY)
     text = f"forced through the {source}: {reason or move}"
     try:
@@ -136,7 +155,7 @@ async def move_task(
     return await asyncio.to_thread(task_detail, db, task, 10)
 
 
-@post("/tasks/{task:str}/promote", status_code=200, summary="Promote a task one stage")
+@post(["/tasks/{task:str}/promote", "/task/promote"], status_code=200, summary="Promote a task one stage")
 async def promote_task(
     db: Database,
     tasks: TaskTable,
@@ -149,7 +168,11 @@ async def promote_task(
     return await move_task(db, tasks, policy_store, task, "promote", data.reason if data else None)
 
 
-@post("/tasks/{task:str}/rollback", status_code=200, summary="Roll a task back to the teacher")
+@post(
+    ["/tasks/{task:str}/rollback", "/task/rollback"],
+    status_code=200,
+    summary="Roll a task back to the teacher",
+)
 async def rollback_task(
     db: Database,
     tasks: TaskTable,
@@ -161,7 +184,7 @@ async def rollback_task(
     return await move_task(db, tasks, policy_store, task, "rollback", data.reason if data else None)
 
 
-@post("/tasks/{task:str}/pause", status_code=200, summary="Pause a task")
+@post(["/tasks/{task:str}/pause", "/task/pause"], status_code=200, summary="Pause a task")
 async def pause_task(
     db: Database,
     tasks: TaskTable,
@@ -173,7 +196,7 @@ async def pause_task(
     return await move_task(db, tasks, policy_store, task, "pause", data.reason if data else None)
 
 
-@post("/tasks/{task:str}/resume", status_code=200, summary="Resume a paused task")
+@post(["/tasks/{task:str}/resume", "/task/resume"], status_code=200, summary="Resume a paused task")
 async def resume_task(
     db: Database,
     tasks: TaskTable,
@@ -185,7 +208,11 @@ async def resume_task(
     return await move_task(db, tasks, policy_store, task, "resume", data.reason if data else None)
 
 
-@post("/tasks/{task:str}/transition", status_code=200, summary="Force a task into any stage")
+@post(
+    ["/tasks/{task:str}/transition", "/task/transition"],
+    status_code=200,
+    summary="Force a task into any stage",
+)
 async def transition(
     db: Database, tasks: TaskTable, policy_store: PolicyStore | None, task: str, data: TransitionRequest
 ) -> TaskDetail:

@@ -64,24 +64,38 @@ def test_a_deeply_nested_request_is_recorded_and_recording_goes_on(
     tmp_path: Path,
     fault_table: FaultTable,
 ) -> None:
+    """Over HTTP the edge refuses it (400 ``nesting_too_deep``, before the teacher is called);
+    handed to the recorder as the request path would, it is stored cut at 128 levels."""
     gw = gateway_on(relayed_postgres.url, tmp_path / "spool")
     deep = chat(gw, raw=nested(1000))
+    assert deep.status_code == 400 and deep.json()["error"]["code"] == "nesting_too_deep"
+    gw.recorder.submit(
+        Exchange(
+            id="deep-at-the-recorder",
+            task="deep",
+            model="m",
+            target="teacher",
+            request=orjson.loads(nested(1000)),
+            status=200,
+            latency_s=0.01,
+            body=b'{"choices": []}',
+        )
+    )
     after = send(gw, 20, "after")
-    assert deep.status_code == 200 and all(r.status_code == 200 for r in after)
+    assert all(r.status_code == 200 for r in after)
     assert gw.recorder.flush(30)
     found = relayed_postgres.records()
     with gw.parts.db.engine.connect() as conn:
         stored = conn.execute(
-            text("SELECT request FROM record WHERE id = :id"),
-            {"id": deep.headers["x-distillgate-request-id"]},
+            text("SELECT request FROM record WHERE id = :id"), {"id": "deep-at-the-recorder"}
         ).scalar_one()
     assert DEPTH_MARKER in orjson.dumps(stored).decode()
     fault_table.row(
         "1. request nested 1,000 levels, then 20 more",
-        outcome([deep, *after]),
+        f"400 nesting_too_deep, then {outcome(after)}",
         21,
         found,
-        "cut at 128 levels with a marker",
+        "the same body at the recorder: cut at 128 levels with a marker",
     )
     assert found == 21
     assert_still_ready(gw)
