@@ -90,21 +90,55 @@ class CreatedKey(KeyView, kw_only=True):
     """The secret: shown once, never retrievable again."""
 
 
+_MAX_COUNT = 2**31 - 1
+"""rpm and tpm are 32-bit columns: anything larger is refused here, not by the database."""
+
+
+def _task_name_ok(task: Any) -> bool:
+    return isinstance(task, str) and 1 <= len(task) <= 200 and task.isascii() and task.isprintable()
+
+
+def check_name(name: str) -> None:
+    if not 1 <= len(name) <= 200 or not name.isprintable():
+        raise InvalidRequest("'name' must be 1 to 200 printable characters.", param="name")
+
+
 def _check(settings: KeySettings | dict[str, Any]) -> None:
     values = settings if isinstance(settings, dict) else msgspec.structs.asdict(settings)
     for name in ("rpm", "tpm"):
-        if values.get(name) is not None and values[name] < 1:
-            raise InvalidRequest(f"'{name}' must be at least 1 (leave it out for no limit).", param=name)
-    if values.get("budget_usd") is not None and values["budget_usd"] < 0:
-        raise InvalidRequest("'budget_usd' must not be negative.", param="budget_usd")
+        if values.get(name) is not None and not 1 <= values[name] <= _MAX_COUNT:
+            raise InvalidRequest(
+                f"'{name}' must be from 1 to {_MAX_COUNT} (leave it out for no limit).", param=name
+            )
+    if values.get("budget_usd") is not None and not 0 <= values["budget_usd"] < float("inf"):
+        raise InvalidRequest("'budget_usd' must be a finite amount, not negative.", param="budget_usd")
+    expires = values.get("expires_at")
+    if expires is not None and (expires.tzinfo is None or not 2000 <= expires.year <= 9000):
+        raise InvalidRequest(
+            "'expires_at' must be a date-time with its time zone, between the years 2000 and 9000.",
+            param="expires_at",
+        )
+    for task in values.get("tasks") or []:
+        if not _task_name_ok(task):
+            raise InvalidRequest(
+                "'tasks' holds task names of 1 to 200 printable ASCII characters.", param="tasks"
+            )
+    for task in values.get("task_limits") or {}:
+        if not _task_name_ok(task):
+            raise InvalidRequest(
+                "'task_limits' is keyed by task names of 1 to 200 printable ASCII characters.",
+                param="task_limits",
+            )
     if values.get("budget_period") is not None and values["budget_period"] not in PERIODS:
         raise InvalidRequest("'budget_period' must be day, week or month.", param="budget_period")
     for task, limits in (values.get("task_limits") or {}).items():
         limits = limits if isinstance(limits, dict) else msgspec.structs.asdict(limits)
         for name in ("rpm", "tpm"):
-            if limits.get(name) is not None and limits[name] < 1:
-                raise InvalidRequest(f"'task_limits.{task}.{name}' must be at least 1.", param="task_limits")
-        if limits.get("budget_usd") is not None and limits["budget_usd"] < 0:
+            if limits.get(name) is not None and not 1 <= limits[name] <= _MAX_COUNT:
+                raise InvalidRequest(
+                    f"'task_limits.{task}.{name}' must be from 1 to {_MAX_COUNT}.", param="task_limits"
+                )
+        if limits.get("budget_usd") is not None and not 0 <= limits["budget_usd"] < float("inf"):
             raise InvalidRequest(
                 f"'task_limits.{task}.budget_usd' must not be negative.", param="task_limits"
             )
@@ -124,6 +158,7 @@ def create_key(
 ) -> tuple[ApiKey, str]:
     """Store a new key and return it with its secret, which is never retrievable again."""
     settings = settings or KeySettings()
+    check_name(name)
     _check(settings)
     secret = generate_key()
     row = ApiKey(
