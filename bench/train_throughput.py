@@ -11,8 +11,9 @@ answer being the last quarter, labelled on the answer only.
 Variants (``--variants``), LoRA r=16 alpha=32 on all linear layers, bf16 on a GPU:
   plain       transformers+peft as one writes it: 16 records padded per batch, attention mask,
               ``labels=`` loss, AdamW, peft defaults (dropout 0, fp32 adapters)
-  finetune    ``trainer.finetune`` as it stands (packed, 2 x <=2048, dropout 0.05, its own order;
-              fed the first --finetune-records records)
+  finetune    ``trainer.finetune`` itself (on CUDA its fast path: rows as wide as the fast variant's,
+              one a step; dropout --finetune-dropout, the policy's 0.05 by default; its own
+              order; fed the first --finetune-records records; timed from its step --warmup)
   fast-eager  the fast path, uncompiled: records end to end in rows of --row-tokens, attended per
               record without a mask, --rows-per-step rows a step, LoRA inputs in bf16, fused
               AdamW, logits only at labelled positions
@@ -623,9 +624,12 @@ def run_finetune(setup: Setup, meter: Meter, workdir: Path) -> Result:
         meter.reset()
     losses: list[float] = []
     profiled = (2, 4)  # the window: after step 2 ends, until step 4 ends
+    warm = max(1, setup.args.warmup)
+    marks: dict[int, tuple[float, int]] = {}
 
     def progress(p: FinetuneProgress) -> None:
         losses.append(p.train_loss)
+        marks[p.step] = (time.perf_counter(), p.tokens)  # the loss was read: the GPU is done
         if p.step == profiled[0]:
             meter.start_window()
         elif p.step == profiled[1]:
@@ -644,13 +648,19 @@ def run_finetune(setup: Setup, meter: Meter, workdir: Path) -> Result:
         early_stopping_patience=0,
         device=setup.device,
         seed=setup.args.seed,
+        lora_dropout=setup.args.finetune_dropout,
+        # On CUDA: the fast path's rows, as wide as the fast variant's first shape.
+        row_tokens=setup.step_shapes[0][0] if setup.cuda else None,
     )
     records = setup.records[: setup.args.finetune_records]
     done = finetune(model_dir, records, [], workdir / f"{setup.arch_name}-adapter", config, progress=progress)
     result.losses = losses
-    result.first_s = 0.0
-    result.note = "its own tok/s over all its steps"
-    tokens, labelled = done.tokens, done.trained_tokens
+    path = f"fast path, rows of {done.row_tokens:,}" if done.fast_path else "CPU path"
+    result.note = f"trainer.finetune ({path}, dropout {config.lora_dropout}); timed from step {warm}"
+    (t_warm, tokens_warm), (t_end, tokens_end) = marks.get(warm, (0.0, 0)), marks[done.steps]
+    result.first_s = t_warm - (marks[1][0] if 1 in marks else t_warm)
+    tokens = tokens_end - tokens_warm
+    labelled = round(done.trained_tokens * tokens / max(1, done.tokens))
     mean_square = sum(len(e) ** 2 for e in setup.examples) / sum(len(e) for e in setup.examples)
     return finish(
         result,
@@ -660,8 +670,8 @@ def run_finetune(setup: Setup, meter: Meter, workdir: Path) -> Result:
         labelled=labelled,
         computed=0,
         flops=setup.flops.step(tokens, labelled, int(mean_square * tokens)),
-        seconds=done.train_s,
-        steps=done.steps,
+        seconds=t_end - t_warm if done.steps > warm else done.train_s,
+        steps=done.steps - warm,
     )
 
 
@@ -777,7 +787,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=2, help="first steps left out of the timing")
     parser.add_argument("--profile-steps", type=int, default=2, help="extra steps under the profiler")
     parser.add_argument("--plain-batch", type=int, default=16)
-    parser.add_argument("--finetune-records", type=int, default=800)
+    parser.add_argument("--finetune-records", type=int, default=3000)
+    parser.add_argument(
+        "--finetune-dropout",
+        type=float,
+        default=0.05,
+        help="lora_dropout of the finetune variant (policy default)",
+    )
     parser.add_argument(
         "--rows", help="fast-path steps as WIDTHxROWS, comma-separated (default per model, e.g. 16384x2)"
     )

@@ -150,6 +150,8 @@ class TrainPolicy(_Strict):
     min_offline_score: float = 0.8
     """Offline agreement on held-out teacher answers needed to enter shadow."""
     max_completion_tokens: int = 512
+    gpus: int = Field(1, ge=1)
+    """GPUs of one node a run spreads over (data-parallel, ``torchrun``); 1 trains in one process."""
 
 
 class ShadowPolicy(_Strict):

@@ -59,6 +59,14 @@ def train(
     base_model: Annotated[
         str | None, typer.Option(help="Base model (default: the policy's student.base_model).")
     ] = None,
+    gpus: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="GPUs of this node to train on, data-parallel through torchrun"
+            " (default: the policy's train.gpus).",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Records → dataset snapshot → fine-tune (LoRA or full, per the policy) → ``task@vN``."""
@@ -80,7 +88,13 @@ def train(
         raise typer.Exit(1)
     try:
         outcome = train_task(
-            db, task, policy.for_task(task), model, settings.adapters_dir, progress=not as_json
+            db,
+            task,
+            policy.for_task(task),
+            model,
+            settings.adapters_dir,
+            progress=not as_json,
+            gpus=gpus,
         )
     except NotEnoughData as exc:
         if as_json:

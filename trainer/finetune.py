@@ -14,12 +14,13 @@ import json
 import math
 import random
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from router.policy import TrainPolicy
+from trainer import fast_finetune
 from trainer.base_model import resolve_base_model
 from trainer.collate import (
     IGNORE_INDEX,
@@ -30,8 +31,10 @@ from trainer.collate import (
     pack,
     tokenize_example,
 )
+from trainer.distributed import World, all_sum, data_parallel, from_main, no_sync, process_group
+from trainer.fast_path import FastPath, make_optimizer, prepare_model
 from trainer.loss import labelled_loss_sum
-from trainer.memory_plan import parameter_count, plan_memory
+from trainer.memory_plan import SHARE, available_bytes, parameter_count, plan_memory
 
 if TYPE_CHECKING:
     import torch
@@ -50,6 +53,10 @@ POLICY_FIELDS = (
 )
 """Hyper-parameters a task's ``train`` policy sets: declared (and documented) once, in
 ``router.policy.TrainPolicy``, whose defaults are also ``FinetuneConfig``'s."""
+
+
+WARMUP_STEPS = 2
+"""Steps left out of ``FinetuneResult.steady_tokens_per_s``: compilation and first-use costs."""
 
 
 @dataclass
@@ -76,7 +83,8 @@ class FinetuneConfig:
     """Tokens (padding included) per forward/backward pass: packed sequences are grouped up to it,
     at least one per micro-batch."""
     gradient_accumulation_steps: int = 1
-    """Micro-batches summed into one optimizer step."""
+    """Micro-batches (rows on the CUDA fast path) summed into one optimizer step, over all ranks:
+    at least one per rank, so the same config makes the same steps at any world size."""
     max_seq_len: int = _POLICY.max_seq_len
     packing: bool = True
     """Concatenate several examples per sequence (attention and labels stay per example)."""
@@ -98,6 +106,9 @@ class FinetuneConfig:
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about a third more compute. The
     memory check turns it on when the run would not fit otherwise."""
+    row_tokens: int | None = None
+    """CUDA LoRA runs (``trainer.fast_finetune``): the width of a packed row; None sizes it from
+    free memory and the data. Unused on the CPU path."""
     memory_limit: int | None = None
     """Bytes the run may hold resident (CPU) or on the device (GPU); ``None``: what the machine
     (or its cgroup) has available when training starts. See ``trainer.memory_plan``."""
@@ -120,6 +131,8 @@ class FinetuneProgress:
     train_loss: float
     eval_loss: float | None
     tokens_per_s: float
+    tokens: int = 0
+    """Record tokens trained on so far (all ranks together)."""
 
 
 ProgressCallback = Callable[[FinetuneProgress], None]
@@ -145,12 +158,20 @@ class FinetuneResult:
     eval_examples: int = 0
     dropped_too_long: int = 0
     sequences: int = 0
-    """Packed training sequences per epoch."""
+    """Packed training sequences per epoch (rows of ``row_tokens`` on the CUDA fast path)."""
+    fast_path: bool = False
+    """Trained through ``trainer.fast_finetune`` (CUDA, LoRA, bf16)."""
+    row_tokens: int = 0
+    world_size: int = 1
+    """Data-parallel ranks (``torchrun``) the run was spread over."""
     tokens: int = 0
     """Tokens that went through forward and backward passes (padding excluded)."""
     trained_tokens: int = 0
     """Tokens that carried loss (assistant tokens), summed over epochs."""
     train_s: float = 0.0
+    warmup_s: float = 0.0
+    """Of ``train_s``, the first ``WARMUP_STEPS`` steps (compilation on the CUDA fast path)."""
+    warmup_tokens: int = 0
     wall_s: float = 0.0
     batch_tokens: int = 0
     """Tokens per micro-batch the run used (the memory check may lower the configured one)."""
@@ -166,10 +187,19 @@ class FinetuneResult:
     def tokens_per_s(self) -> float:
         return self.tokens / self.train_s if self.train_s > 0 else 0.0
 
+    @property
+    def steady_tokens_per_s(self) -> float:
+        """Tokens per second after the first ``WARMUP_STEPS`` steps (all of them if no more ran)."""
+        seconds = self.train_s - self.warmup_s
+        if self.steps <= WARMUP_STEPS or seconds <= 0:
+            return self.tokens_per_s
+        return (self.tokens - self.warmup_tokens) / seconds
+
     def metrics(self) -> dict[str, Any]:
         data = asdict(self)
         del data["out_dir"]  # the registry records where the files end up
         data["tokens_per_s"] = round(self.tokens_per_s, 1)
+        data["steady_tokens_per_s"] = round(self.steady_tokens_per_s, 1)
         data["train_losses"] = [[s, round(v, 5)] for s, v in self.train_losses]
         data["eval_losses"] = [[s, round(v, 5)] for s, v in self.eval_losses]
         return data
@@ -224,16 +254,32 @@ def finetune(
     early stopping. ``progress=True`` draws a rich progress bar; a callable receives a
     ``FinetuneProgress`` after every optimizer step instead.
     """
+    config = config or FinetuneConfig()
+    world = World.from_env()
+    device = world.device(pick_device(config.device))
+    with process_group(world, device):
+        return _finetune(base_model, train_examples, eval_examples, out_dir, config, progress, world, device)
+
+
+def _finetune(
+    base_model: str | Path,
+    train_examples: Sequence[Conversation],
+    eval_examples: Sequence[Conversation],
+    out_dir: str | Path,
+    config: FinetuneConfig,
+    progress: bool | ProgressCallback,
+    world: World,
+    device: str,
+) -> FinetuneResult:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    config = config or FinetuneConfig()
     started = time.perf_counter()
     _seed_everything(config.seed)
-    device = pick_device(config.device)
     base = resolve_base_model(base_model)
     model_config = AutoConfig.from_pretrained(base.path)
     bf16 = use_bf16(config.precision, device, parameter_count(model_config))
+    fast = fast_finetune.applies(config, device, bf16)
     tokenizer = AutoTokenizer.from_pretrained(base.path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
@@ -243,10 +289,10 @@ def finetune(
         raise ValueError("no training example fits max_seq_len (or none was given)")
     random.Random(config.seed).shuffle(train_tok)
     longest = max(len(t) for t in [*train_tok, *eval_tok])
+    if world.distributed and config.memory_limit is None and device.startswith("cpu"):
+        # Every rank of a CPU job holds its own model in the machine's one memory.
+        config = replace(config, memory_limit=int(available_bytes() * SHARE) // world.size)
     memory = plan_memory(model_config, config, bf16=bf16, device=device, longest_record=longest)
-    train_seqs = pack(train_tok, memory.sequence_tokens, packing=config.packing)
-    eval_seqs = pack(eval_tok, memory.sequence_tokens, packing=config.packing)
-    collator = Collator(pad_id)
 
     load_dtype = torch.bfloat16 if (bf16 and config.method == "lora") else torch.float32
     model: Any = AutoModelForCausalLM.from_pretrained(base.path, dtype=load_dtype)
@@ -275,10 +321,37 @@ def finetune(
         (lambda: torch.autocast(autocast_device, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     )
 
+    per_step = _ceil_to(max(world.size, config.gradient_accumulation_steps, 1), world.size)
+    switches, width = FastPath(), 0
+    if fast:
+        switches = fast_finetune.fast_path(config, device)
+        fast_finetune.raise_compile_limits()
+        model = prepare_model(model, switches)
+        width = fast_finetune.plan_width(
+            model_config, train_tok, config, torch.cuda.mem_get_info(torch.device(device))[0], world.size
+        )
+    source: _StepSource = (
+        fast_finetune.RowSteps(
+            train_tok, eval_tok, width, pad_id, config.max_seq_len, device, switches, per_step
+        )
+        if fast
+        else _SequenceSteps(
+            pack(train_tok, memory.sequence_tokens, packing=config.packing),
+            pack(eval_tok, memory.sequence_tokens, packing=config.packing),
+            Collator(pad_id),
+            memory.batch_tokens,
+            per_step,
+            device,
+        )
+    )
+    # What forward and backward go through: the model's loss as a module, in DDP beyond one rank.
+    trained = data_parallel(model, source.loss_sum, world)
+
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
-    micro_per_epoch = len(micro_batches(train_seqs, memory.batch_tokens))
-    steps_per_epoch = max(1, math.ceil(micro_per_epoch / config.gradient_accumulation_steps))
+    optimizer = make_optimizer(trainable, config.learning_rate, config.weight_decay, switches)
+    data_rng = random.Random(config.seed + 1)
+    first_epoch = source.epoch(data_rng)
+    steps_per_epoch = max(1, math.ceil(len(first_epoch) / source.units_per_step))
     total_steps = max(1, math.ceil(steps_per_epoch * config.epochs))
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
@@ -297,8 +370,11 @@ def finetune(
         train_examples=len(train_tok),
         eval_examples=len(eval_tok),
         dropped_too_long=dropped_train + dropped_eval,
-        sequences=len(train_seqs),
-        batch_tokens=memory.batch_tokens,
+        sequences=source.sequences,
+        fast_path=fast,
+        row_tokens=width,
+        world_size=world.size,
+        batch_tokens=width or memory.batch_tokens,
         gradient_checkpointing=memory.gradient_checkpointing,
         estimated_peak_bytes=memory.estimated_peak_bytes,
         trainable_parameters=sum(p.numel() for p in trainable),
@@ -306,9 +382,8 @@ def finetune(
     )
 
     def held_out_loss() -> float | None:
-        if not eval_seqs:
-            return None
-        return evaluate_loss(model, eval_seqs, collator, memory.batch_tokens, device, autocast)
+        # Only rank 0 evaluates (on the model itself, not through DDP); the others follow it.
+        return source.held_out(model, autocast) if world.main else None
 
     result.eval_loss_before = held_out_loss()
     best_loss = result.eval_loss_before
@@ -316,52 +391,51 @@ def finetune(
     bad_evals = 0
     step = 0
     train_time = 0.0
-    reporter = _reporter(progress, total_steps)
-    data_rng = random.Random(config.seed + 1)
+    reporter = _reporter(progress if world.main else False, total_steps)
+    epoch_units: list[Any] | None = first_epoch
 
     with reporter as report:
         while step < total_steps and not result.stopped_early:
-            order = list(range(len(train_seqs)))
-            data_rng.shuffle(order)
-            batches = micro_batches([train_seqs[i] for i in order], memory.batch_tokens)
-            for group in _chunks(batches, config.gradient_accumulation_steps):
+            units = epoch_units if epoch_units is not None else source.epoch(data_rng)
+            epoch_units = None
+            for k in range(0, len(units), source.units_per_step):
                 if step >= total_steps:
                     break
+                group = units[k : k + source.units_per_step]
                 t0 = time.perf_counter()
-                model.train()
-                n_labels = sum(_label_count(seq) for batch in group for seq in batch)
-                loss_sum = 0.0
-                for batch in group:
-                    inputs = {k: v.to(device) for k, v in collator(batch).items()}
-                    with autocast():
-                        summed = labelled_loss_sum(model, **inputs)
-                    # Every token weighs the same, whichever micro-batch it sits in.
-                    (summed / max(1, n_labels)).backward()
-                    loss_sum += float(summed.detach())
-                    result.tokens += sum(len(seq) for seq in batch)
+                trained.train()
+                n_labels = sum(source.labelled(u) for u in group)
+                loss_sum = _train_step(trained, group, n_labels, world, autocast)
                 if config.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
+                train_loss = float(loss_sum) / max(1, n_labels)
                 train_time += time.perf_counter() - t0
+                result.tokens += sum(source.tokens(u) for u in group)
                 result.trained_tokens += n_labels
-                train_loss = loss_sum / max(1, n_labels)
                 result.train_losses.append((step, train_loss))
+                if step == WARMUP_STEPS:
+                    result.warmup_s, result.warmup_tokens = train_time, result.tokens
 
                 eval_loss = None
-                if eval_seqs and (step % eval_every == 0 or step == total_steps):
-                    eval_loss = held_out_loss()
-                    assert eval_loss is not None
-                    result.eval_losses.append((step, eval_loss))
-                    if best_loss is None or eval_loss < best_loss - config.early_stopping_min_delta:
-                        best_loss, bad_evals = eval_loss, 0
-                        best_state = _trainable_state(model)
-                    else:
-                        bad_evals += 1
-                        if config.early_stopping_patience and bad_evals >= config.early_stopping_patience:
-                            result.stopped_early = True
+                if source.has_eval and (step % eval_every == 0 or step == total_steps):
+                    stop = False
+                    if world.main:
+                        eval_loss = held_out_loss()
+                        assert eval_loss is not None
+                        result.eval_losses.append((step, eval_loss))
+                        if best_loss is None or eval_loss < best_loss - config.early_stopping_min_delta:
+                            best_loss, bad_evals = eval_loss, 0
+                            best_state = _trainable_state(model)
+                        else:
+                            bad_evals += 1
+                            stop = bool(
+                                config.early_stopping_patience and bad_evals >= config.early_stopping_patience
+                            )
+                    result.stopped_early = from_main([float(stop)], world, device)[0] > 0
                 report(
                     FinetuneProgress(
                         step,
@@ -370,6 +444,7 @@ def finetune(
                         train_loss,
                         eval_loss,
                         result.tokens / train_time if train_time else 0.0,
+                        result.tokens,
                     )
                 )
                 if result.stopped_early:
@@ -378,7 +453,9 @@ def finetune(
     result.steps = step
     result.train_s = train_time
     result.peak_rss_bytes = peak_rss_bytes()
-    if eval_seqs:
+    if not world.main:
+        return result  # rank 0 keeps the best weights, saves and reports
+    if source.has_eval:
         last = result.eval_losses[-1][1] if result.eval_losses else result.eval_loss_before
         if best_state is not None and best_loss is not None and last is not None and best_loss < last:
             _load_trainable_state(model, best_state)
@@ -399,6 +476,105 @@ def finetune(
         + "\n"
     )
     return result
+
+
+class _StepSource(Protocol):
+    """Where the loop's optimizer steps come from: units (micro-batches of packed sequences, or
+    rows on the CUDA fast path) in epoch order, ``units_per_step`` of them a step over all ranks
+    (the same on every rank: the order comes from the shared seed), one a forward pass."""
+
+    @property
+    def units_per_step(self) -> int: ...
+
+    @property
+    def has_eval(self) -> bool: ...
+
+    @property
+    def sequences(self) -> int: ...
+
+    def epoch(self, rng: random.Random) -> list[Any]: ...
+
+    def loss_sum(self, model: Any, unit: Any) -> torch.Tensor: ...
+
+    def labelled(self, unit: Any) -> int: ...
+
+    def tokens(self, unit: Any) -> int: ...
+
+    def held_out(self, model: Any, autocast: Callable[[], Any]) -> float | None: ...
+
+
+@dataclass
+class _SequenceSteps:
+    """The CPU path's steps: packed sequences (``trainer.collate``) in micro-batches of
+    ``batch_tokens`` (padding included), ``accumulation`` micro-batches a step."""
+
+    train: list[PackedSequence]
+    eval: list[PackedSequence]
+    collator: Collator
+    batch_tokens: int
+    accumulation: int
+    device: str
+
+    @property
+    def units_per_step(self) -> int:
+        return self.accumulation
+
+    @property
+    def has_eval(self) -> bool:
+        return bool(self.eval)
+
+    @property
+    def sequences(self) -> int:
+        return len(self.train)
+
+    def epoch(self, rng: random.Random) -> list[list[PackedSequence]]:
+        order = list(range(len(self.train)))
+        rng.shuffle(order)
+        return micro_batches([self.train[i] for i in order], self.batch_tokens)
+
+    def loss_sum(self, model: Any, unit: list[PackedSequence]) -> torch.Tensor:
+        inputs = {k: v.to(self.device) for k, v in self.collator(unit).items()}
+        return labelled_loss_sum(model, **inputs)
+
+    @staticmethod
+    def labelled(unit: list[PackedSequence]) -> int:
+        return sum(_label_count(seq) for seq in unit)
+
+    @staticmethod
+    def tokens(unit: list[PackedSequence]) -> int:
+        return sum(len(seq) for seq in unit)
+
+    def held_out(self, model: Any, autocast: Callable[[], Any]) -> float | None:
+        if not self.eval:
+            return None
+        return evaluate_loss(model, self.eval, self.collator, self.batch_tokens, self.device, autocast)
+
+
+def _train_step(
+    trained: Any, group: Sequence[Any], n_labels: int, world: World, autocast: Callable[[], Any]
+) -> torch.Tensor:
+    """Forward and backward over this rank's share of one step; returns the step's summed loss
+    over all ranks. Every labelled token weighs the same whichever pass or rank holds it: DDP
+    averages gradients over ranks, so each rank's sum is scaled by the world size to undo that."""
+    mine = world.shard(group)
+    weight = 1.0
+    if not mine:  # fewer units than ranks: a pass that counts nothing keeps DDP's collectives paired
+        mine, weight = list(group[:1]), 0.0
+    scale = weight * world.size / max(1, n_labels)
+    total: torch.Tensor | None = None
+    for j, unit in enumerate(mine):
+        with no_sync(trained, last=j == len(mine) - 1):
+            with autocast():
+                summed = trained(unit)
+            (summed * scale).backward()
+        part = summed.detach().float() * weight
+        total = part if total is None else total + part
+    assert total is not None
+    return all_sum(total, world)
+
+
+def _ceil_to(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -484,11 +660,6 @@ def _lr_factor(step: int, warmup: int, total: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
     return max(0.0, (total - step) / max(1, total - warmup))
-
-
-def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
-    for k in range(0, len(items), max(1, size)):
-        yield items[k : k + size]
 
 
 def _seed_everything(seed: int) -> None:

@@ -24,6 +24,7 @@ from gateway.store.models import Adapter, DatasetSnapshot, TrainingRun, utcnow
 from router.decide import StudentEnvelope
 from router.policy import TaskPolicy
 from trainer.dataset import DatasetOptions, Selection, build_snapshot
+from trainer.distributed import Torchrun
 from trainer.finetune import FinetuneConfig, FinetuneResult, ProgressCallback, finetune
 
 
@@ -222,6 +223,7 @@ def train_task(
     config: FinetuneConfig | None = None,
     progress: bool | ProgressCallback = False,
     runner: Any = None,
+    gpus: int | None = None,
 ) -> TrainTaskResult:
     """Records → dataset snapshot → fine-tune → ``task@vN`` in the registry.
 
@@ -229,6 +231,9 @@ def train_task(
     after; a failed run leaves no adapter and no directory behind. ``config`` defaults to the
     task policy's ``train`` section. Raises ``NotEnoughData`` when there is nothing to train on.
     ``runner`` (a ``trainer.isolation`` runner) runs the fine-tuning itself, e.g. in a child process.
+    ``gpus`` (default: the policy's ``train.gpus``) above 1 runs it as a ``torchrun`` job of that
+    many ranks instead (``trainer.distributed.Torchrun``); this process stays the one writer of
+    the registry.
     """
     started = time.perf_counter()
     config = config or FinetuneConfig.from_policy(policy.train)
@@ -249,6 +254,9 @@ def train_task(
     staging = root / f".run-{run.id}"
     try:
         args = (base_model, selection.train, selection.holdout, staging, config)
+        gpus = policy.train.gpus if gpus is None else gpus
+        if gpus > 1 and not isinstance(runner, Torchrun):
+            runner = Torchrun(gpus)
         if runner is None:
             result = finetune(*args, progress=progress)
         else:

@@ -31,6 +31,7 @@ from gateway.store.models import Adapter, Record, Stage, Task, TrainingLock, utc
 from router.policy import Policy, TaskPolicy
 from router.stages import TransitionError, transition_task
 from trainer.dataset import snapshot_examples
+from trainer.distributed import Torchrun
 from trainer.evaluate import EvalResult, evaluate_adapter
 from trainer.finetune import FinetuneConfig
 from trainer.isolation import ChildDied, ChildProcess, Inline
@@ -187,7 +188,7 @@ class Scheduler:
         self.progress = progress
         self.isolate = isolate and not callable(progress)
         """Train and evaluate in a child process (a progress callback needs this process)."""
-        self._runners: set[Inline] = set()
+        self._runners: set[Inline | Torchrun] = set()
         self._stopping = False
         self.events: list[SchedulerEvent] = []
         self.on_event: list[Callable[[SchedulerEvent], None]] = []
@@ -303,17 +304,23 @@ class Scheduler:
 
     def _train_and_judge(self, key: str, policy: Policy, lease: TrainingLease) -> SchedulerEvent:
         runner = ChildProcess(f"distillgate-train-{key}") if self.isolate else Inline()
-        self._runners.add(runner)
+        # More than one GPU: the training itself is a torchrun job (its own processes); the
+        # offline evaluation stays in the child.
+        gpus = policy.for_task(key).train.gpus
+        training: Inline | Torchrun = Torchrun(gpus) if gpus > 1 else runner
+        self._runners.update((runner, training))
         try:
             if self._stopping:
                 runner.kill()
-            return self._train_and_judge_with(key, policy, runner, lease)
+                training.kill()
+            return self._train_and_judge_with(key, policy, runner, lease, training)
         finally:
             self._runners.discard(runner)
+            self._runners.discard(training)
             runner.close()
 
     def _train_and_judge_with(
-        self, key: str, policy: Policy, runner: Inline, lease: TrainingLease
+        self, key: str, policy: Policy, runner: Inline, lease: TrainingLease, training: Inline | Torchrun
     ) -> SchedulerEvent:
         assert policy.student is not None
         tp = policy.for_task(key)
@@ -333,7 +340,7 @@ class Scheduler:
                 self.adapters_dir,
                 config=config,
                 progress=self.progress,
-                runner=runner,
+                runner=training,
             )
         except NotEnoughData as exc:
             return self._back_to_collecting(key, "rejected", f"not enough data: {exc}", {})

@@ -285,8 +285,21 @@ def test_training_jobs_run_on_gpu_nodes(production_render: Rendered) -> None:
     job = production_render.get("CronJob", f"{FULLNAME}-train-classify-email")
     assert job["spec"]["concurrencyPolicy"] == "Forbid"
     train = container(job)
-    assert train["args"][:3] == ["train", "--task", "classify-email"]
+    assert train["args"] == [
+        "train",
+        "--task",
+        "classify-email",
+        "--config",
+        "/etc/distillgate/config.yaml",
+        "--gpus",
+        "1",
+    ]
     assert train["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert {
+        "NCCL_NVLS_ENABLE": "0",
+        "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+        "NVSHMEM_DISABLE_NVLS": "1",
+    }.items() <= (env_of(train).items())
     spec = pod_spec(job)
     assert spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
@@ -294,6 +307,23 @@ def test_training_jobs_run_on_gpu_nodes(production_render: Rendered) -> None:
     worker = production_render.get("Deployment", f"{FULLNAME}-worker")
     assert container(worker)["args"] == ["worker", "--config", "/etc/distillgate/config.yaml"]
     assert container(worker)["resources"]["limits"]["nvidia.com/gpu"] == 1
+
+
+def test_a_multi_gpu_training_job_asks_for_its_gpus_and_launches_as_many_ranks() -> None:
+    values = production_values()
+    values["trainer"]["cronJobs"][0]["gpus"] = 4
+    rendered = Rendered(render_chart(values, api_versions=("monitoring.coreos.com/v1",)))
+    job = rendered.get("CronJob", f"{FULLNAME}-train-classify-email")
+    train = container(job)
+    assert train["args"][-2:] == ["--gpus", "4"]
+    assert train["resources"]["limits"]["nvidia.com/gpu"] == 4
+    for version in KUBE_VERSIONS:
+        kubernetes_validate.validate(job, version, strict=True)
+    other = container(rendered.get("CronJob", f"{FULLNAME}-train-extract-ade"))
+    assert other["args"][-2:] == ["--gpus", "1"] and other["resources"]["limits"]["nvidia.com/gpu"] == 1
+    # The command is the CLI's own: --gpus is an option of `distillgate train`.
+    path, options = cli_command(train["args"])
+    assert path == "train" and used_options(train["args"]) <= options
 
 
 def test_migrations_run_as_a_hook_job(default_render: Rendered) -> None:

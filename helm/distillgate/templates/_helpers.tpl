@@ -159,3 +159,14 @@ so the password never appears in a URL, a log line or a process listing.
 {{- end }}
 {{- toYaml $res }}
 {{- end }}
+
+{{/* NVLink multicast off in NCCL, PyTorch and NVSHMEM for every process that may train on
+several GPUs (trainer.distributed.NO_MULTICAST sets the same in each torchrun launch). */}}
+{{- define "distillgate.noMulticastEnv" -}}
+- name: NCCL_NVLS_ENABLE
+  value: "0"
+- name: TORCH_SYMM_MEM_DISABLE_MULTICAST
+  value: "1"
+- name: NVSHMEM_DISABLE_NVLS
+  value: "1"
+{{- end }}
