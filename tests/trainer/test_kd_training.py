@@ -44,7 +44,7 @@ def teacher(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
         selection.train,
         [],
         out,
-        FinetuneConfig(method="full", learning_rate=1e-2, max_seq_len=128, batch_tokens=512, epochs=8),
+        FinetuneConfig(method="full", learning_rate=1e-2, max_seq_len=128, batch_tokens=512, epochs=30),
     )
     return out
 
@@ -91,11 +91,10 @@ def _held_out(student: Any, tokenizer: Any, examples: list[Example]) -> tuple[fl
 def test_kd_student_matches_the_teacher_distribution_better_than_sft(
     tiny_model: Path, teacher: Path, tmp_path: Path
 ) -> None:
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    train_records = _teacher_records(teacher, 24, 1000)
-    held_records = _teacher_records(teacher, 12, 2000)
+    train_records = _teacher_records(teacher, 48, 1000)
+    held_records = _teacher_records(teacher, 40, 2000)
     stored = train_records[0].response["choices"][0]["logprobs"]["content"]
     assert len(stored[0]["top_logprobs"]) == TOP_K  # genuine top-k from the teacher's forward pass
     assert math.fsum(math.exp(e["logprob"]) for e in stored[0]["top_logprobs"]) <= 1.0 + 1e-4
@@ -107,7 +106,7 @@ def test_kd_student_matches_the_teacher_distribution_better_than_sft(
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     scores = {}
-    for name, weight in (("kd", 0.9), ("sft", 0.0)):
+    for name, weight in (("kd", 0.5), ("sft", 0.0)):
         out = tmp_path / name
         result = finetune(
             tiny_model,
@@ -115,10 +114,8 @@ def test_kd_student_matches_the_teacher_distribution_better_than_sft(
             [],
             out,
             FinetuneConfig(
-                method="lora",
-                lora_rank=8,
-                lora_alpha=16,
-                learning_rate=2e-2,
+                method="full",
+                learning_rate=1e-2,
                 max_seq_len=128,
                 batch_tokens=256,
                 epochs=12,
@@ -133,8 +130,7 @@ def test_kd_student_matches_the_teacher_distribution_better_than_sft(
         assert coverage["aligned_tokens"] == coverage["answer_tokens"] - len(train) > 0
         assert coverage["alternatives_mapped"] == 1.0
         assert result.metrics()["soft_labels"] == result.soft_labels
-        base = AutoModelForCausalLM.from_pretrained(tiny_model)
-        scores[name] = _held_out(PeftModel.from_pretrained(base, out), tokenizer, held)
+        scores[name] = _held_out(AutoModelForCausalLM.from_pretrained(out), tokenizer, held)
     (kd_kl, kd_agree), (sft_kl, sft_agree) = scores["kd"], scores["sft"]
     assert kd_kl < sft_kl, scores
     assert kd_agree >= sft_agree, scores
@@ -177,3 +173,13 @@ def test_packing_and_the_collator_carry_soft_targets_to_the_kd_loss(tiny_model: 
         hard = float(labelled_loss_sum(model, **batch))
     assert packed == pytest.approx(alone, rel=1e-4)
     assert packed != pytest.approx(hard, rel=1e-3)  # the KL term is in it
+
+
+def test_a_lora_run_trains_on_soft_labels(tiny_model: Path, teacher: Path, tmp_path: Path) -> None:
+    examples = select_examples(_teacher_records(teacher, 8, 4000), DatasetOptions(holdout=0.0)).train
+    config = FinetuneConfig(method="lora", lora_rank=4, max_seq_len=128, batch_tokens=256, max_steps=3)
+    result = finetune(tiny_model, examples[:6], examples[6:], tmp_path / "lora", config)
+    assert result.soft_labels["train"]["examples_with_soft_labels"] == 6
+    assert result.soft_labels["eval"]["examples_with_soft_labels"] == 2
+    assert all(math.isfinite(loss) for _, loss in result.train_losses)
+    assert (tmp_path / "lora" / "adapter_config.json").exists()
