@@ -72,6 +72,9 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.backend:
         os.environ[BACKEND_ENV] = args.backend
+    # The ranks unpickle this bench's records: they import its modules from the same place.
+    here = str(Path(__file__).resolve().parent)
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
 
     import torch
 

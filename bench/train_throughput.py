@@ -12,7 +12,7 @@ Variants (``--variants``), LoRA r=16 alpha=32 on all linear layers, bf16 on a GP
   plain       transformers+peft as one writes it: 16 records padded per batch, attention mask,
               ``labels=`` loss, AdamW, peft defaults (dropout 0, fp32 adapters)
   finetune    ``trainer.finetune`` itself (on CUDA its fast path: rows as wide as the fast variant's,
-              one a step; dropout --finetune-dropout, the policy's 0.05 by default; its own
+              one a step; dropout --finetune-dropout, the policy default 0 by default; its own
               order; fed the first --finetune-records records; timed from its step --warmup)
   fast-eager  the fast path, uncompiled: records end to end in rows of --row-tokens, attended per
               record without a mask, --rows-per-step rows a step, LoRA inputs in bf16, fused
@@ -791,7 +791,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--finetune-dropout",
         type=float,
-        default=0.05,
+        default=0.0,
         help="lora_dropout of the finetune variant (policy default)",
     )
     parser.add_argument(

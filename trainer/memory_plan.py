@@ -21,7 +21,7 @@ from trainer.loss import LOSS_CHUNK
 if TYPE_CHECKING:
     from trainer.finetune import FinetuneConfig
 
-RUNTIME_BYTES = 700 * 2**20
+RUNTIME_BYTES = 1100 * 2**20
 """Python, torch, transformers and peft imported, the tokenizer and the tokenized records."""
 ACTIVATION_UNITS_PER_TOKEN = (34.0, 8.0)
 """Bytes each token keeps per (hidden unit, MLP unit) of every layer for the backward pass, at

@@ -28,6 +28,7 @@ def test_a_run_that_fits_keeps_its_settings() -> None:
     config = FinetuneConfig(batch_tokens=1024, memory_limit=estimate(1024, False))
     plan = plan_memory(SMOLLM2_135M, config, bf16=True, device="cpu", longest_record=300)
     assert (plan.batch_tokens, plan.gradient_checkpointing) == (1024, False)
+    assert config.memory_limit is not None
     assert plan.sequence_tokens == 1024 and plan.estimated_peak_bytes <= config.memory_limit
 
 
