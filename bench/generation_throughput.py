@@ -12,7 +12,8 @@ end-of-turn token, the same token for both: greedy decoding of one model):
 Both run off the main thread (the baseline on a worker thread, ours on the decode loop's own
 thread): torch ops on a loaded machine's main or event-loop thread measured ~4x slower, and the
 comparison is of the decoders, not of threads. tok/s counts answer tokens; "same" counts answers
-identical to transformers' one-at-a-time answer to the same prompt.
+identical to transformers' one-at-a-time answer to the same prompt. The four rows run in
+--rounds interleaved rounds (order alternating) and each shows its median round.
 
     python bench/generation_throughput.py                  # SmolLM2-135M-Instruct (the package GGUF), 2 threads
     python bench/generation_throughput.py --model tiny     # a tiny random model, seconds (CI)
@@ -115,7 +116,9 @@ class Transformers:
         return answers
 
 
-def measure(model: str, n: int, answer_tokens: int, threads: int) -> dict[str, Any]:
+def measure(model: str, n: int, answer_tokens: int, threads: int, rounds: int = 3) -> dict[str, Any]:
+    import statistics
+
     import torch
 
     torch.set_num_threads(threads)
@@ -127,70 +130,84 @@ def measure(model: str, n: int, answer_tokens: int, threads: int) -> dict[str, A
         params = SamplingParams(temperature=0.0, max_tokens=answer_tokens)
         baseline.run(ids[:1], 2)  # warm both up: first calls allocate
         models.chat("student", chats[0], None, SamplingParams(temperature=0.0, max_tokens=2))
-        rows: list[dict[str, Any]] = []
 
-        def row(mode: str, engine: str, texts: list[str], tokens: int, wall: float, **extra: Any) -> None:
-            rows.append(
-                {
-                    "mode": mode,
-                    "engine": engine,
-                    "answers": len(texts),
-                    "tokens": tokens,
-                    "wall_s": round(wall, 3),
-                    "tok_s": round(tokens / wall, 1),
-                    "s_per_answer": round(wall / len(texts), 4),
-                    "same": sum(a == b for a, b in zip(texts, reference, strict=True)),
-                    **extra,
-                }
+        def decoded(answers: list[list[int]]) -> tuple[list[str], int]:
+            return [str(tokenizer.decode(a, skip_special_tokens=False)) for a in answers], sum(
+                map(len, answers)
             )
 
-        started = time.perf_counter()
-        single_hf = [baseline.run([p], answer_tokens)[0] for p in ids]
-        wall = time.perf_counter() - started
-        reference: list[str] = [str(tokenizer.decode(a, skip_special_tokens=False)) for a in single_hf]
-        row("single", "transformers", reference, sum(map(len, single_hf)), wall)
+        def single_hf() -> tuple[list[str], int]:
+            return decoded([baseline.run([p], answer_tokens)[0] for p in ids])
 
-        started = time.perf_counter()
-        single = [models.chat("student", c, None, params).choices[0] for c in chats]
-        row(
-            "single",
-            "ours",
-            [g.text for g in single],
-            sum(g.completion_tokens for g in single),
-            time.perf_counter() - started,
-        )
+        def single_ours() -> tuple[list[str], int]:
+            done = [models.chat("student", c, None, params).choices[0] for c in chats]
+            return [g.text for g in done], sum(g.completion_tokens for g in done)
 
-        started = time.perf_counter()
-        batched_hf = baseline.run(ids, answer_tokens)
-        wall = time.perf_counter() - started
-        texts = [str(tokenizer.decode(a, skip_special_tokens=False)) for a in batched_hf]
-        row("batched", "transformers", texts, sum(map(len, batched_hf)), wall)
+        def batched_hf() -> tuple[list[str], int]:
+            return decoded(baseline.run(ids, answer_tokens))
 
-        before = models.stats.steps, models.stats.rows
-        started = time.perf_counter()
-        futures = [models.submit("student", c, None, params) for c in chats]
-        batched = [f.result().choices[0] for f in futures]
-        wall = time.perf_counter() - started
-        steps, batch_rows = models.stats.steps - before[0], models.stats.rows - before[1]
-        row(
-            "batched",
-            "ours",
-            [g.text for g in batched],
-            sum(g.completion_tokens for g in batched),
-            wall,
-            mean_batch=round(batch_rows / max(1, steps), 2),
-        )
+        def batched_ours() -> tuple[list[str], int]:
+            futures = [models.submit("student", c, None, params) for c in chats]
+            done = [f.result().choices[0] for f in futures]
+            return [g.text for g in done], sum(g.completion_tokens for g in done)
+
+        runs = {
+            ("single", "transformers"): single_hf,
+            ("single", "ours"): single_ours,
+            ("batched", "transformers"): batched_hf,
+            ("batched", "ours"): batched_ours,
+        }
+        walls: dict[tuple[str, str], list[float]] = {key: [] for key in runs}
+        answers: dict[tuple[str, str], tuple[list[str], int]] = {}
+        batch_steps = batch_rows = 0
+        # Rounds interleave the engines, in alternating order, so a change in the machine's load
+        # falls on both; each row reports its median round.
+        for r in range(rounds):
+            for key in list(runs) if r % 2 == 0 else list(reversed(runs)):
+                before = models.stats.steps, models.stats.rows
+                started = time.perf_counter()
+                answers[key] = runs[key]()
+                walls[key].append(time.perf_counter() - started)
+                if key == ("batched", "ours"):
+                    batch_steps += models.stats.steps - before[0]
+                    batch_rows += models.stats.rows - before[1]
         baseline.pool.shutdown()
-    for r in rows:
-        hf = next(x for x in rows if x["mode"] == r["mode"] and x["engine"] == "transformers")
-        r["vs_transformers"] = round(r["tok_s"] / hf["tok_s"], 2)
-    return {"model": model, "prompts": n, "answer_tokens": answer_tokens, "threads": threads, "rows": rows}
+    reference = answers[("single", "transformers")][0]
+    rows: list[dict[str, Any]] = []
+    for (mode, engine), (texts, tokens) in answers.items():
+        wall = statistics.median(walls[(mode, engine)])
+        rows.append(
+            {
+                "mode": mode,
+                "engine": engine,
+                "answers": len(texts),
+                "tokens": tokens,
+                "wall_s": round(wall, 3),
+                "tok_s": round(tokens / wall, 1),
+                "s_per_answer": round(wall / len(texts), 4),
+                "same": sum(a == b for a, b in zip(texts, reference, strict=True)),
+                "rounds_s": [round(w, 3) for w in walls[(mode, engine)]],
+            }
+        )
+        if (mode, engine) == ("batched", "ours"):
+            rows[-1]["mean_batch"] = round(batch_rows / max(1, batch_steps), 2)
+    for entry in rows:
+        hf = next(x for x in rows if x["mode"] == entry["mode"] and x["engine"] == "transformers")
+        entry["vs_transformers"] = round(entry["tok_s"] / hf["tok_s"], 2)
+    return {
+        "model": model,
+        "prompts": n,
+        "answer_tokens": answer_tokens,
+        "threads": threads,
+        "rounds": rounds,
+        "rows": rows,
+    }
 
 
 def print_table(result: dict[str, Any]) -> None:
     print(
         f"\n{result['model']}: {result['prompts']} prompts, answers <= {result['answer_tokens']} tokens, "
-        f"{result['threads']} threads, greedy"
+        f"{result['threads']} threads, greedy, median of {result['rounds']} interleaved rounds"
     )
     head = f"{'mode':<8} {'engine':<13} {'answers':>7} {'tokens':>6} {'wall s':>7} {'tok/s':>7} {'s/answer':>8} {'same':>5} {'vs transformers':>15}"
     print(head)
@@ -213,11 +230,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--answer-tokens", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; the median is shown")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON line last")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as scratch:
         model = tiny_model(Path(scratch) / "tiny") if args.model == "tiny" else args.model
-        result = measure(model, args.prompts, args.answer_tokens, args.threads)
+        result = measure(model, args.prompts, args.answer_tokens, args.threads, args.rounds)
         if args.model == "tiny":
             result["model"] = "tiny (random init)"
     print_table(result)

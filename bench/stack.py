@@ -319,6 +319,7 @@ def start_distillgate(
     policy_defaults: dict[str, Any] | None = None,
     source: Path | None = None,
     command: list[str] | None = None,
+    key_options: list[str] | None = None,
 ) -> Server:
     """Write a settings and a policy file for ``name``, create an API key, start ``distillgate serve``.
 
@@ -329,6 +330,8 @@ def start_distillgate(
     ``source``: a directory holding ``gateway/`` and ``router/`` to run instead of the installed
     ones (e.g. ``git archive HEAD gateway router | tar -x -C DIR``: the last commit, not a
     working tree in the middle of an edit).
+
+    ``key_options``: extra ``distillgate keys create`` options for the bench's key (limits).
     """
     home = workdir / name
     home.mkdir(parents=True, exist_ok=True)
@@ -365,7 +368,17 @@ def start_distillgate(
     env.update(extra_env)
     if auth:
         out = subprocess.run(
-            [exe, "keys", "create", "--name", "bench", "--json", "--config", str(config_path)],
+            [
+                exe,
+                "keys",
+                "create",
+                "--name",
+                "bench",
+                "--json",
+                "--config",
+                str(config_path),
+                *(key_options or []),
+            ],
             capture_output=True,
             text=True,
             cwd=home,

@@ -31,6 +31,9 @@ class TaskTraffic:
     failed: int = 0
     score_sum: float = 0.0
     """Sum over successful answers of the family's scorer against the scripted teacher's answer."""
+    student_ok: int = 0
+    """Successful answers that the student gave (``x-distillgate-target: student:…``)."""
+    student_score_sum: float = 0.0
     latencies_ms: list[float] = field(default_factory=list)
     targets: Counter[str] = field(default_factory=Counter)
     """Who answered, from the gateway's ``x-distillgate-target`` header (``teacher``, ``student:…``, ``cache``)."""
@@ -39,6 +42,12 @@ class TaskTraffic:
     def agreement(self) -> float | None:
         """Mean score of the answers clients received against the scripted teacher's (None before any)."""
         return self.score_sum / self.ok if self.ok else None
+
+    @property
+    def student_agreement(self) -> float | None:
+        """Mean score of the student's answers alone: None while the student has answered nobody
+        (the teacher agreeing with itself says nothing about the student)."""
+        return self.student_score_sum / self.student_ok if self.student_ok else None
 
     @property
     def p50_ms(self) -> float | None:
@@ -114,6 +123,9 @@ async def _send(
     counts.score_sum += value
     counts.latencies_ms.append(latency_ms)
     counts.targets[target or "unknown"] += 1
+    if target is not None and target.startswith("student"):
+        counts.student_ok += 1
+        counts.student_score_sum += value
     return Outcome(index, family.name, True, latency_ms, target, value, None)
 
 

@@ -27,45 +27,19 @@ import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import and_, or_, select
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from gateway.auth import Caller, KeyLimits
 from gateway.errors import PermissionDenied, RateLimited
+from gateway.store import usage
 from gateway.store.db import Database
-from gateway.store.models import Usage
+from gateway.store.usage import KEY_SCOPE, MINUTE, PERIODS, USAGE_TABLE, period_end, period_start
+from gateway.store.usage import Delta as _Delta
 
 log = logging.getLogger("distillgate.limits")
-
-USAGE_TABLE = Usage.__table__  # type: ignore[attr-defined]
-MINUTE = "minute"
-PERIODS = ("day", "week", "month")
-KEY_SCOPE = ""
-"""The ``task`` of a key's own counters (its task counters carry the task's name)."""
-
-
-def period_start(period: str, now: float) -> float:
-    """The start of the calendar period (UTC) ``now`` falls in."""
-    day = datetime.fromtimestamp(now, UTC).replace(hour=0, minute=0, second=0, microsecond=0)
-    if period == "day":
-        return day.timestamp()
-    if period == "week":
-        return (day - timedelta(days=day.weekday())).timestamp()
-    return day.replace(day=1).timestamp()
-
-
-def period_end(period: str, start: float) -> float:
-    begin = datetime.fromtimestamp(start, UTC)
-    if period == "day":
-        return (begin + timedelta(days=1)).timestamp()
-    if period == "week":
-        return (begin + timedelta(days=7)).timestamp()
-    index = begin.year * 12 + begin.month
-    return datetime(index // 12, index % 12 + 1, 1, tzinfo=UTC).timestamp()
 
 
 def duration(seconds: float) -> str:
@@ -102,12 +76,15 @@ class Counter:
 
 
 @dataclass(slots=True)
-class _Delta:
-    key_id: int
-    task: str
-    window: str
-    start: float
-    values: list[float]
+class _Scope:
+    """One set of limits that holds a (key, task): the key's own (``name`` ``""``) or the task's."""
+
+    name: str
+    rpm: int | None
+    tpm: int | None
+    budget: float | None
+    minute: Counter
+    period: Counter | None
 
 
 class Limiter:
@@ -122,13 +99,18 @@ class Limiter:
         self._leftover: list[_Delta] = []
         """Counts of windows that ended before they were synced."""
         self._limited: set[int] = set()
+        self._plans: dict[tuple[int, str], tuple[KeyLimits, tuple[_Scope, ...]]] = {}
+        self._periods: dict[str, tuple[float, float]] = {}
         self._task: asyncio.Task[None] | None = None
         self.syncs = 0
 
     # -- the request path ------------------------------------------------------------------
     def admit(self, caller: Caller, task: str) -> dict[str, str] | None:
         """Let ``caller`` call ``task`` now, or raise: 403 outside its allow-list, 429 over a
-        limit. Returns the ``x-ratelimit-*`` headers of its limits (None for a key without any)."""
+        limit. Returns the ``x-ratelimit-*`` headers of its limits (None for a key without any).
+
+        O(1) and lock-free: the scopes that apply to (key, task) are worked out once per key
+        version (``_plan``), and the counters are plain floats this event loop alone changes."""
         if caller.tasks is not None and task not in caller.tasks:
             raise PermissionDenied(f"This API key may not call the task '{task}'.", code="task_not_allowed")
         limits = caller.limits
@@ -136,80 +118,90 @@ class Limiter:
             return None
         if self._charges:
             self._take_charges()
-        key_id = caller.key_id
-        self._limited.add(key_id)
+        plan = self._plans.get((caller.key_id, task))
+        if plan is None or plan[0] is not limits:
+            plan = self._plan(caller.key_id, task, limits)
         now = time.time()
-        per_task = limits.tasks.get(task)
-        scopes: list[tuple[str, int | None, int | None, float | None]] = [
-            (KEY_SCOPE, limits.rpm, limits.tpm, limits.budget_usd)
-        ]
-        if per_task is not None:
-            scopes.append((task, per_task.rpm, per_task.tpm, per_task.budget_usd))
+        minute_start = now - now % 60.0
+        elapsed = now - minute_start
+        weight = 1.0 - elapsed / 60.0
+        reset = 60.0 - elapsed
         headers: dict[str, str] | None = None
-        minutes = []
-        for scope, rpm, tpm, budget in scopes:
-            if rpm is None and tpm is None and budget is None:
-                continue
-            minute = self._counter(key_id, scope, MINUTE, now - now % 60.0)
-            elapsed = now - minute.start
-            weight = 1.0 - elapsed / 60.0
-            reset = 60.0 - elapsed
+        for scope in plan[1]:
+            minute = scope.minute
+            if minute.start != minute_start:
+                self._roll(caller.key_id, scope.name, MINUTE, minute, minute_start)
+            rpm, tpm = scope.rpm, scope.tpm
             if rpm is not None:
                 used = minute.used(0) + minute.prev[0] * weight
                 if used + 1 > rpm:
                     wait = _wait(used + 1 - rpm, minute.prev[0], reset)
+                    what = f"requests per min (RPM): Limit {rpm}, Used {int(used)}, Requested 1"
                     raise self._limited_error(
-                        "requests",
-                        "rate_limit_exceeded",
-                        scope,
-                        f"requests per min (RPM): Limit {rpm}, Used {int(used)}, Requested 1",
-                        wait,
-                        rpm,
-                        tpm,
-                        minute,
-                        weight,
-                        reset,
+                        "requests", scope.name, what, wait, rpm, tpm, minute, weight, reset
                     )
             if tpm is not None:
                 used_tokens = minute.used(1) + minute.prev[1] * weight
                 if used_tokens >= tpm:
                     wait = _wait(used_tokens - tpm + 1, minute.prev[1], reset)
+                    what = f"tokens per min (TPM): Limit {tpm}, Used {int(used_tokens)}"
                     raise self._limited_error(
-                        "tokens",
-                        "rate_limit_exceeded",
-                        scope,
-                        f"tokens per min (TPM): Limit {tpm}, Used {int(used_tokens)}",
-                        wait,
-                        rpm,
-                        tpm,
-                        minute,
-                        weight,
-                        reset,
+                        "tokens", scope.name, what, wait, rpm, tpm, minute, weight, reset
                     )
-            if budget is not None:
-                start = period_start(limits.budget_period, now)
-                spent = self._counter(key_id, scope, limits.budget_period, start)
-                if spent.used(2) >= budget:
-                    wait = period_end(limits.budget_period, start) - now
+            spent = scope.period
+            if spent is not None and scope.budget is not None:
+                start, end = self._bounds(limits.budget_period, now)
+                if spent.start != start:
+                    self._roll(caller.key_id, scope.name, limits.budget_period, spent, start)
+                if spent.used(2) >= scope.budget:
                     raise RateLimited(
-                        f"This API key has used its budget of ${budget:g} for this {limits.budget_period}"
-                        + (f" on the task '{scope}'" if scope else "")
+                        f"This API key has used its budget of ${scope.budget:g} for this {limits.budget_period}"
+                        + (f" on the task '{scope.name}'" if scope.name else "")
                         + ". It renews at the start of the next one.",
                         kind="insufficient_quota",
                         code="insufficient_quota",
-                        headers={"retry-after": str(max(1, int(wait + 0.999)))},
+                        headers={"retry-after": str(max(1, int(end - now + 0.999)))},
                     )
-            minutes.append(minute)
             if headers is None and (rpm is not None or tpm is not None):
                 headers = _headers(rpm, tpm, minute, weight, reset, taking=1)
-        for minute in minutes:
-            minute.unsynced[0] += 1.0
+        for scope in plan[1]:
+            scope.minute.unsynced[0] += 1.0
         return headers
+
+    def _plan(self, key_id: int, task: str, limits: KeyLimits) -> tuple[KeyLimits, tuple[_Scope, ...]]:
+        """The scopes that hold (key, task): the key's own limits, then the task's; their counters."""
+        self._limited.add(key_id)
+        scopes = []
+        for name, rpm, tpm, budget in (
+            (KEY_SCOPE, limits.rpm, limits.tpm, limits.budget_usd),
+            *((task, t.rpm, t.tpm, t.budget_usd) for t in (limits.tasks.get(task),) if t is not None),
+        ):
+            if rpm is None and tpm is None and budget is None:
+                continue
+            now = time.time()
+            minute = self._counter(key_id, name, MINUTE, now - now % 60.0)
+            period = None
+            if budget is not None:
+                period = self._counter(
+                    key_id, name, limits.budget_period, self._bounds(limits.budget_period, now)[0]
+                )
+            scopes.append(_Scope(name, rpm, tpm, budget, minute, period))
+        if len(self._plans) > 100_000:
+            self._plans.clear()
+        plan = self._plans[(key_id, task)] = (limits, tuple(scopes))
+        return plan
+
+    def _bounds(self, period: str, now: float) -> tuple[float, float]:
+        """The current ``period``'s start and end, recomputed only once it is over."""
+        bounds = self._periods.get(period)
+        if bounds is None or not bounds[0] <= now < bounds[1]:
+            start = period_start(period, now)
+            bounds = self._periods[period] = (start, period_end(period, start))
+        return bounds
 
     def _limited_error(
         self,
         kind: str,
-        code: str,
         scope: str,
         what: str,
         wait: float,
@@ -225,7 +217,7 @@ class Limiter:
         return RateLimited(
             f"Rate limit reached for this API key{where} on {what}. Please try again in {duration(wait)}.",
             kind=kind,
-            code=code,
+            code="rate_limit_exceeded",
             headers=headers,
         )
 
@@ -340,30 +332,7 @@ class Limiter:
     ) -> dict[tuple[int, str, str, float], tuple[float, float, float]]:
         table = USAGE_TABLE
         with self.db.engine.begin() as conn:
-            if deltas:
-                rows = [
-                    {
-                        "key_id": d.key_id,
-                        "task": d.task,
-                        "window": d.window,
-                        "start": datetime.fromtimestamp(d.start, UTC),
-                        "requests": int(d.values[0]),
-                        "tokens": int(d.values[1]),
-                        "spend_usd": d.values[2],
-                    }
-                    for d in _merged(deltas)
-                ]
-                insert = pg_insert if self.db.dialect == "postgresql" else sqlite_insert
-                stmt = insert(table)
-                stmt = stmt.on_conflict_do_update(
-                    index_elements=["key_id", "task", "window", "start"],
-                    set_={
-                        "requests": table.c.requests + stmt.excluded.requests,
-                        "tokens": table.c.tokens + stmt.excluded.tokens,
-                        "spend_usd": table.c.spend_usd + stmt.excluded.spend_usd,
-                    },
-                )
-                conn.execute(stmt, rows)
+            usage.add(conn, deltas)
             minute_floor = datetime.fromtimestamp(now - now % 60.0 - 60.0, UTC)
             period_floor = datetime.fromtimestamp(
                 min(period_start("week", now), period_start("month", now)), UTC
@@ -395,18 +364,6 @@ class Limiter:
             return found
 
 
-def _merged(deltas: list[_Delta]) -> list[_Delta]:
-    """One delta per row (an upsert must not touch a row twice)."""
-    merged: dict[tuple[int, str, str, float], _Delta] = {}
-    for d in deltas:
-        key = (d.key_id, d.task, d.window, d.start)
-        if key in merged:
-            merged[key].values = [a + b for a, b in zip(merged[key].values, d.values, strict=True)]
-        else:
-            merged[key] = _Delta(d.key_id, d.task, d.window, d.start, list(d.values))
-    return list(merged.values())
-
-
 def _wait(excess: float, prev: float, reset: float) -> float:
     """Seconds until the sliding estimate is ``excess`` lower: the previous minute's weight falls
     by ``prev / 60`` a second; past the window's end only the current minute counts."""
@@ -418,17 +375,19 @@ def _headers(
 ) -> dict[str, str]:
     """``x-ratelimit-*`` as OpenAI sends them (limit, remaining, time to reset), per minute."""
     headers = {}
+    resets = _RESETS[int(reset + 0.999)]
     if rpm is not None:
         used = minute.used(0) + minute.prev[0] * weight + taking
         headers["x-ratelimit-limit-requests"] = str(rpm)
         headers["x-ratelimit-remaining-requests"] = str(max(0, int(rpm - used)))
-        headers["x-ratelimit-reset-requests"] = duration(reset)
+        headers["x-ratelimit-reset-requests"] = resets
     if tpm is not None:
         used_tokens = minute.used(1) + minute.prev[1] * weight
         headers["x-ratelimit-limit-tokens"] = str(tpm)
         headers["x-ratelimit-remaining-tokens"] = str(max(0, int(tpm - used_tokens)))
-        headers["x-ratelimit-reset-tokens"] = duration(reset)
+        headers["x-ratelimit-reset-tokens"] = resets
     return headers
 
 
-__all__ = ["KeyLimits", "Limiter", "duration", "period_end", "period_start"]
+_RESETS = [duration(float(s)) for s in range(62)]
+"""``x-ratelimit-reset-*`` values to the whole second (the window's end), formatted once."""

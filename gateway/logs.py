@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Literal, TextIO
 
 import orjson
 
@@ -42,14 +42,21 @@ class JsonFormatter(_UTCFormatter):
 _HANDLER_NAME = "distillgate"
 
 
-def configure_logging(level: str = "INFO", fmt: LogFormat = "text") -> None:
-    """Send every logger's lines to stderr at ``level``; calling it again replaces its own handler only."""
+def configure_logging(level: str = "INFO", fmt: LogFormat = "text", stream: TextIO | None = None) -> None:
+    """Send every logger's lines to ``stream`` (stderr) at ``level``; calling it again replaces its
+    own handler only."""
+    remove_logging()
     root = logging.getLogger()
-    for handler in list(root.handlers):
-        if handler.get_name() == _HANDLER_NAME:
-            root.removeHandler(handler)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = logging.StreamHandler(stream or sys.stderr)
     handler.set_name(_HANDLER_NAME)
     handler.setFormatter(JsonFormatter() if fmt == "json" else _UTCFormatter(TEXT_FORMAT))
     root.addHandler(handler)
     root.setLevel(level.upper())
+
+
+def remove_logging() -> None:
+    """Take away the handler ``configure_logging`` added."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if handler.get_name() == _HANDLER_NAME:
+            root.removeHandler(handler)

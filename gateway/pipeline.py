@@ -20,7 +20,7 @@ import orjson
 from gateway import soft_labels, sse
 from gateway.auth import Caller, KeyRing
 from gateway.cache import PromptCache, cache_directive, cache_key, is_cacheable
-from gateway.errors import UpstreamError, error_bytes
+from gateway.errors import GatewayError, UpstreamError, error_bytes
 from gateway.limits import Limiter
 from gateway.metrics import Metrics
 from gateway.protocol import (
@@ -211,7 +211,7 @@ class Pipeline:
             stream=bool(req.stream),
         )
         if self.limits is not None:
-            call.limit_headers = self.limits.admit(caller, call.task)
+            self._admit(caller, call)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         hit = await self._consult_cache(call, req, headers)
         if hit is not None:
@@ -293,9 +293,25 @@ class Pipeline:
             stream=bool(getattr(req, "stream", False)),
         )
         if self.limits is not None:
-            call.limit_headers = self.limits.admit(caller, call.task)
+            self._admit(caller, call)
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         return await self._forward(call, self.upstreams.require_teacher(), include_usage=include_usage)
+
+    def _admit(self, caller: Caller, call: Call) -> None:
+        """The key's allow-list and limits (``gateway.limits``); a refusal is counted by reason."""
+        assert self.limits is not None
+        try:
+            call.limit_headers = self.limits.admit(caller, call.task)
+        except GatewayError as exc:
+            reason = (
+                "task_not_allowed"
+                if exc.status == 403
+                else "budget"
+                if exc.type == "insufficient_quota"
+                else exc.type
+            )
+            self.metrics.child(self.metrics.limited, reason).inc()
+            raise
 
     # -- the route ---------------------------------------------------------------------------
     def _decide(self, call: Call, headers: Mapping[str, str], admin: bool) -> RouteDecision | None:

@@ -17,6 +17,7 @@ strings with a candidate go through the detectors.
 from __future__ import annotations
 
 import ipaddress
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -81,11 +82,29 @@ def _phone(text: str, policy: RedactPolicy) -> bool:
     return bool(phonenumbers.is_valid_number(number))
 
 
+def _remembered(check: Callable[[str, RedactPolicy], bool]) -> Callable[[str, RedactPolicy], bool]:
+    """A validator's verdicts kept (bounded): prompts repeat (system prompts, templates), and
+    ``phonenumbers`` costs hundreds of microseconds a number in the thread that shares the GIL
+    with the event loop."""
+    cache: dict[tuple[str, str | None], bool] = {}
+
+    def confirm(text: str, policy: RedactPolicy) -> bool:
+        key = (text, policy.phone_region)
+        found = cache.get(key)
+        if found is None:
+            if len(cache) > 4096:
+                cache.clear()
+            found = cache[key] = check(text, policy)
+        return found
+
+    return confirm
+
+
 _CONFIRM: dict[str, Callable[[str, RedactPolicy], bool]] = {
-    "card": _card,
-    "iban": _iban,
-    "ip": _ip,
-    "phone": _phone,
+    "card": _remembered(_card),
+    "iban": _remembered(_iban),
+    "ip": _remembered(_ip),
+    "phone": _remembered(_phone),
 }
 
 
@@ -110,8 +129,6 @@ class _Rules:
         return cls(policy, re2.compile(combined), tuple(each))
 
     def text(self, text: str, counts: dict[str, int]) -> str:
-        if not self.any.search(text):
-            return text
         for name, pattern, confirm in self.each:
 
             def replace(match: Any, name: str = name, confirm: Any = confirm) -> str:
@@ -127,7 +144,7 @@ class _Rules:
     def value(self, value: Any, counts: dict[str, int]) -> Any:
         """Every string in a JSON value, redacted (keys are the protocol's, left as they are)."""
         if isinstance(value, str):
-            return self.text(value, counts)
+            return self.text(value, counts) if self.any.search(value) else value
         if isinstance(value, dict):
             return {k: self.value(v, counts) for k, v in value.items()}
         if isinstance(value, list):
@@ -136,6 +153,17 @@ class _Rules:
 
 
 ROW_FIELDS = ("request", "response", "shadow", "error")
+
+
+def _strings(value: Any, out: list[str]) -> None:
+    if isinstance(value, str):
+        out.append(value)
+    elif isinstance(value, dict):
+        for item in value.values():
+            _strings(item, out)
+    elif isinstance(value, list):
+        for item in value:
+            _strings(item, out)
 
 
 class Redactor:
@@ -162,8 +190,9 @@ class Redactor:
 
     def _count(self, task: str, counts: dict[str, int]) -> None:
         if self.metrics is not None:
+            metrics = self.metrics
             for kind, n in counts.items():
-                self.metrics.redactions.labels(task, kind).inc(n)
+                metrics.child(metrics.redactions, task, kind).inc(n)
 
     def row(self, row: dict[str, Any]) -> dict[str, Any]:
         """The recorder's hook: a record row with its content redacted and ``redacted`` set (on
@@ -172,6 +201,13 @@ class Redactor:
         row.setdefault("redacted", None)
         if rules is None:
             return row
+        # One RE2 search over all of the row's strings: most rows have nothing to redact, and one
+        # search costs a fraction of one per string.
+        strings: list[str] = []
+        for name in ROW_FIELDS:
+            _strings(row.get(name), strings)
+        if not strings or not rules.any.search("\n".join(strings)):
+            return row
         counts: dict[str, int] = {}
         for name in ROW_FIELDS:
             if row.get(name) is not None:
@@ -179,6 +215,9 @@ class Redactor:
         if counts:
             row["redacted"] = True
             self._count(row["task"], counts)
+        # That was the slow case (validators, substitutions): let the event loop, if it waits for
+        # the GIL, run before the next row.
+        time.sleep(0)
         return row
 
     def value(self, task: str, value: Any) -> Any:
@@ -197,8 +236,11 @@ class Redactor:
         rules = self.rules(task)
         if rules is None:
             return False
+        text = body.decode("utf-8", "replace")
+        if not rules.any.search(text):
+            return False
         counts: dict[str, int] = {}
-        rules.text(body.decode("utf-8", "replace"), counts)
+        rules.text(text, counts)
         if counts:
             self._count(task, counts)
         return bool(counts)

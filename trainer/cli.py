@@ -251,6 +251,9 @@ def student_serve(
     max_batch: Annotated[
         int, typer.Option(min=1, help="Most sequences decoded together; more requests wait their turn.")
     ] = 32,
+    prefix_caching: Annotated[
+        bool, typer.Option(help="Reuse the KV cache of recent prompts' shared beginnings (not bitwise).")
+    ] = True,
 ) -> None:
     """Serve a base model and runtime-loaded adapters with vLLM's HTTP contract."""
     import uvicorn
@@ -277,5 +280,6 @@ def student_serve(
         device=device,
         max_lora_rank=max_lora_rank,
         max_batch=max_batch,
+        prefix_caching=prefix_caching,
     )
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)

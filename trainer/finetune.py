@@ -226,9 +226,10 @@ def pick_device(requested: str = "auto") -> str:
 
 
 def use_bf16(precision: str, device: str) -> bool:
-    """bf16 autocast where it is fast: a GPU that supports it. On CPU only when asked
-    (``precision: bf16``): measured on this machine's AVX512-BF16 cores, SmolLM2-135M LoRA
-    trained at 5 tokens/s under CPU autocast against ~100-270 in fp32 (bench/train_memory.py)."""
+    """bf16 autocast on a GPU that supports it; on CPU only when asked (``precision: bf16``), as
+    before. One CPU run with bf16 autocast (SmolLM2-135M LoRA, AVX512-BF16, a heavily loaded
+    machine) trained at 5 tokens/s; until ``bench/student_recipe.py --speed`` compares the two in
+    like conditions, the CPU path keeps fp32."""
     import torch
 
     if precision == "bf16":

@@ -140,6 +140,7 @@ class StudentModels:
         max_lora_rank: int = 64,
         max_model_len: int | None = None,
         max_batch: int = 32,
+        prefix_caching: bool = True,
     ) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -158,7 +159,7 @@ class StudentModels:
         self._peft: Any = None
         self.adapters: dict[str, _Entry] = {}
         self.max_model_len = max_model_len or int(getattr(self._base.config, "max_position_embeddings", 2048))
-        self.loop = DecodeLoop(self, max_batch=max_batch)
+        self.loop = DecodeLoop(self, max_batch=max_batch, prefix_caching=prefix_caching)
 
     @property
     def stats(self) -> GenerationStats:
@@ -498,7 +499,9 @@ class _Batch:
 class PrefixCache:
     """The KV cache of each model's last few prompts, so that a new prompt sharing a long
     beginning with one of them (the same system prompt, the same tool list) computes only the
-    rest. Cached tensors are never written in place (the cache grows and shrinks by new
+    rest. Like vLLM's prefix caching, this is not bitwise: a prompt computed in two pieces gets
+    logprobs equal to rounding (~1e-5 in fp32), the same greedy tokens in practice; turn it off
+    (``prefix_caching=False``) for bitwise-repeatable answers. Cached tensors are never written in place (the cache grows and shrinks by new
     tensors), so entries are shared without copies."""
 
     MIN_TOKENS = 8
@@ -525,6 +528,8 @@ class PrefixCache:
         layers = getattr(cache, "layers", None)
         if not layers or not all(type(layer).__name__ == "DynamicLayer" for layer in layers):
             return
+        if self.entries == 0:
+            return
         kv = [(layer.keys, layer.values) for layer in layers]
         kept = [e for e in self._by_model.get(name, []) if prompt[: len(e[0])] != e[0]]
         self._by_model[name] = [(list(prompt), kv), *kept][: self.entries]
@@ -549,14 +554,14 @@ class DecodeLoop:
     that request; a batched forward that raises fails the requests of that batch; the loop goes on.
     """
 
-    def __init__(self, models: StudentModels, *, max_batch: int = 32) -> None:
+    def __init__(self, models: StudentModels, *, max_batch: int = 32, prefix_caching: bool = True) -> None:
         self.models = models
         self.max_batch = max_batch
         """Most sequences decoding at once (all models together); more wait their turn."""
         self.stats = GenerationStats()
         self._waiting: list[DecodeRequest] = []
         self._batches: list[_Batch] = []
-        self._prefixes = PrefixCache()
+        self._prefixes = PrefixCache(entries=8 if prefix_caching else 0)
         self._wake = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="distillgate-decode", daemon=True)
@@ -617,10 +622,20 @@ class DecodeLoop:
                         room -= request.params.n
                         admit.append(request)
                 with self.models.lock:
+                    # Nothing a request brings may end the loop: whatever escapes a prefill or
+                    # a step fails the requests it touched, and the loop goes on.
                     for request in admit:
-                        self._prefill(request)
+                        try:
+                            self._prefill(request)
+                        except Exception as exc:
+                            self._fail(request, exc)
                     for batch in list(self._batches):
-                        self._step(batch)
+                        try:
+                            self._step(batch)
+                        except Exception as exc:
+                            for seq in batch.seqs:
+                                self._fail(seq.request, exc)
+                            batch.seqs, batch.cache, batch.mask = [], None, None
                     self._batches = [b for b in self._batches if b.seqs]
         closed = DecodeLoopClosed("the student models were closed")
         for batch in self._batches:

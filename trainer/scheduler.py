@@ -57,8 +57,9 @@ class SchedulerEvent:
     numbers: dict[str, Any] = field(default_factory=dict)
 
 
-def usable_records_since(db: Database, task: str, since: Any) -> int:
-    """Teacher answers that could become training data, recorded after ``since`` (None: ever)."""
+def usable_records_since(db: Database, task: str, since: Any, *, include_redacted: bool = True) -> int:
+    """Teacher answers that could become training data, recorded after ``since`` (None: ever);
+    records redaction changed count only when the task trains on them (``include_redacted``)."""
     with db.session() as session:
         stmt = (
             select(func.count())
@@ -73,6 +74,8 @@ def usable_records_since(db: Database, task: str, since: Any) -> int:
         )
         if since is not None:
             stmt = stmt.where(Record.created_at > since)
+        if not include_redacted:
+            stmt = stmt.where(col(Record.redacted).is_not(True))
         return int(session.exec(stmt).one())
 
 
@@ -257,7 +260,12 @@ class Scheduler:
                 tp = policy.for_task(task.key)
                 now = utcnow()
                 reason = due_reason(
-                    task, tp, usable_records_since(self.db, task.key, task.last_trained_at), now
+                    task,
+                    tp,
+                    usable_records_since(
+                        self.db, task.key, task.last_trained_at, include_redacted=tp.redact.train_on_redacted
+                    ),
+                    now,
                 )
                 if reason is not None:
                     events.append(self.run_task(task.key, reason))

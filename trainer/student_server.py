@@ -474,6 +474,7 @@ def create_student_app(
     max_lora_rank: int = 64,
     max_model_len: int | None = None,
     max_batch: int = 32,
+    prefix_caching: bool = True,
 ) -> Litestar:
     """The student server for ``base_model`` (hub id, local path, or already loaded ``StudentModels``).
 
@@ -490,6 +491,7 @@ def create_student_app(
             max_lora_rank=max_lora_rank,
             max_model_len=max_model_len,
             max_batch=max_batch,
+            prefix_caching=prefix_caching,
         )
     )
     for name, path in (adapters or {}).items():

@@ -28,6 +28,7 @@ import httpx
 from sqlalchemy import exists
 from sqlmodel import col, select
 
+from gateway.store import usage
 from gateway.store.db import Database
 from gateway.store.models import AnswerCheck, Record, new_id, utcnow
 from router.policy import Policy, ValidatePolicy
@@ -209,6 +210,7 @@ class AnswerChecker:
                 cost = 0.0 if price is None else (prompt * price.input + completion * price.output) / 1e6
                 ledger = Record(
                     id=new_id(),
+                    api_key_id=record.api_key_id,  # the key whose traffic was checked pays for it
                     task=task,
                     model=str(body["model"])[:200],
                     target=VALIDATOR_TARGET,
@@ -273,3 +275,20 @@ class AnswerChecker:
                 session.merge(check)  # a verdict another pass stored meanwhile is the same verdict
             session.add_all(ledger)
             session.commit()
+        # The checks count against the budgets of the keys whose answers they checked: the
+        # gateway replicas read these counters back within a second (gateway.limits).
+        charged = [
+            delta
+            for entry in ledger
+            if entry.api_key_id is not None and entry.cost_usd
+            for delta in usage.spend(
+                entry.api_key_id,
+                entry.task,
+                entry.created_at.timestamp(),
+                tokens=entry.prompt_tokens + entry.completion_tokens,
+                usd=entry.cost_usd,
+            )
+        ]
+        if charged:
+            with self.db.engine.begin() as conn:
+                usage.add(conn, charged)

@@ -6,6 +6,9 @@ from its own thread), and the admin/trainer paths are not latency-critical.
 
 from __future__ import annotations
 
+import os
+import socket
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -60,8 +63,11 @@ class Database:
             if statement_timeout_s is not None:
                 kwargs["connect_args"]["options"] = f"-c statement_timeout={int(statement_timeout_s * 1000)}"
         self.engine: Engine = create_engine(self.url, **kwargs)
+        self._connections: weakref.WeakSet[Any] = weakref.WeakSet()
         if self.dialect == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
+        else:
+            event.listen(self.engine, "connect", lambda conn, _record: self._connections.add(conn))
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -99,8 +105,27 @@ class Database:
 
         SQLModel.metadata.create_all(self.engine)
 
+    def cut_connections(self) -> None:
+        """Shut down the socket of every open connection, in use or not: a call blocked on a
+        database that stopped answering (connection open, nothing sent back) fails at once.
+        PostgreSQL only (SQLite has no socket)."""
+        for connection in list(self._connections):
+            try:
+                sock = socket.socket(fileno=os.dup(connection.fileno()))
+            except Exception:  # closed meanwhile
+                continue
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            finally:
+                sock.close()
+
     def dispose(self) -> None:
+        """Close the pool, and cut what is still in use: no thread stays blocked on a stalled
+        database after its process is done with it (it would hold the process's exit)."""
         self.engine.dispose()
+        self.cut_connections()
 
 
 def alembic_config(url: str) -> Any:

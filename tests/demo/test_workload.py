@@ -249,6 +249,8 @@ async def test_replay_through_the_gateway_groups_tasks(
     assert report.failed == 0 and report.ok == 30
     assert all(counts.targets == {"teacher": counts.ok} for counts in report.tasks.values())
     assert all(counts.agreement == 1.0 for counts in report.tasks.values())
+    # Teacher answers agree with the teacher; they say nothing of a student that answered nobody.
+    assert all(counts.student_agreement is None for counts in report.tasks.values())
     gateway.flush()
     with gateway.db().session() as session:
         keys = {record.task for record in session.exec(select(Record))}

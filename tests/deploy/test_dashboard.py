@@ -304,7 +304,7 @@ def test_real_prometheus_answers_every_dashboard_query_and_loads_the_rules(
             assert set(MUST_HAVE_DATA) <= with_data, set(MUST_HAVE_DATA) - with_data
             rules = httpx.get(f"{api}/rules", timeout=5).json()["data"]["groups"]
             loaded = [rule for group in rules for rule in group["rules"]]
-            assert len(loaded) == 12 and {rule["health"] for rule in loaded} <= {"ok", "unknown"}
+            assert len(loaded) == 15 and {rule["health"] for rule in loaded} <= {"ok", "unknown"}
         finally:
             process.terminate()
             process.wait(timeout=10)

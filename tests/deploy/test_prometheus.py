@@ -20,7 +20,7 @@ def test_promtool_accepts_the_scrape_config_with_its_rules(tmp_path: Path) -> No
     checked.write_text(yaml.safe_dump(config))
     result = run([promtool(), "check", "config", str(checked)])
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 12 rules found" in result.stdout
+    assert "SUCCESS: 15 rules found" in result.stdout
 
 
 def test_promtool_accepts_the_alert_rules() -> None:

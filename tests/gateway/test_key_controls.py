@@ -5,6 +5,8 @@ revoked it and within the key ring's refresh on another gateway process on the s
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -20,7 +22,7 @@ import yaml
 from sqlmodel import select
 
 from demo.teacher import ScriptedTeacher
-from gateway.store.models import Usage, utcnow
+from gateway.store.models import ApiKey, Usage, utcnow
 from tests.conftest import ADMIN_KEY, TEACHER_KEY, RunningGateway, make_policy, start_gateway
 from tests.servers import ServerThread, free_port, fresh_postgres_database, wait_until
 
@@ -67,6 +69,10 @@ def test_requests_per_minute_over_the_limit_get_429_with_retry_after(gateway: Ru
     # Another key is not affected, and the refused request was not recorded.
     other = new_key(gateway.url)
     assert ask(client(gateway, other["key"])).http_response.status_code == 200
+    assert (
+        'distillgate_limited_requests_total{reason="requests"} 1.0'
+        in httpx.get(gateway.url + "/metrics").text
+    )
     gateway.flush()
     assert len(httpx.get(gateway.url + "/admin/records", headers=ADMIN).json()["data"]) == 4
 
@@ -151,6 +157,12 @@ def test_keys_admin_api_shows_and_changes_limits(gateway: RunningGateway) -> Non
     )
     listed = httpx.get(gateway.url + "/admin/keys", headers=ADMIN).json()["data"]
     assert key["id"] in [k["id"] for k in listed] and all("key" not in k for k in listed)
+    # Only the key's SHA-256 is stored: the secret is in no column of its row.
+    with gateway.db().session() as session:
+        row = session.get(ApiKey, key["id"])
+        assert row is not None
+        assert row.key_hash == hashlib.sha256(key["key"].encode()).hexdigest()
+        assert key["key"] not in json.dumps(row.model_dump(mode="json"))
 
 
 # -- revocation across two gateway processes on one database ----------------------------------

@@ -25,6 +25,7 @@ from router.policy import Policy, PolicyError, parse_policy
 from tests.conftest import ADMIN_KEY, make_policy, start_gateway
 from tests.servers import ServerThread, free_port
 from trainer.dataset import DatasetOptions, build_snapshot, snapshot_examples
+from trainer.scheduler import usable_records_since
 
 EMAIL = "jane.doe@example.org"
 PHONE = "+44 20 7946 0958"
@@ -192,6 +193,9 @@ def test_redacted_records_are_not_trained_on_unless_the_policy_says_so(
     finally:
         server.stop()
     db = Database(sqlite_url)
+    # The scheduler counts what it could train on the same way.
+    assert usable_records_since(db, "ds", None, include_redacted=False) == 2
+    assert usable_records_since(db, "ds", None) == 3
     snapshot, _ = build_snapshot(db, "ds", DatasetOptions(holdout=0.0))
     assert len(snapshot.train_ids) == 2 and snapshot.counts["dropped"]["redacted"] == 1
     snapshot, _ = build_snapshot(db, "ds", DatasetOptions(holdout=0.0, train_on_redacted=True))

@@ -147,6 +147,13 @@ def test_n_choices_share_one_prefill_and_a_seed_repeats(models: StudentModels) -
     assert len(first.choices) == 3
 
 
+def test_without_prefix_caching_a_repeated_request_is_bitwise_the_same(varied_model: Path) -> None:
+    with StudentModels(str(varied_model), prefix_caching=False) as plain:
+        first, second = (plain.chat(plain.base_name, chat(EMAILS[1]), None, GREEDY) for _ in range(2))
+        assert plain.stats.prefix_tokens == 0
+    assert first.choices[0].logprobs == second.choices[0].logprobs
+
+
 def test_a_cancelled_request_leaves_and_the_others_finish(models: StudentModels) -> None:
     pieces: list[str] = []
 
@@ -253,7 +260,9 @@ def test_logprobs_plain_and_streamed_in_openai_shape(models: StudentModels, serv
     streamed = [
         e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content or []
     ]
-    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
+    # (each request may start from another's cached prefix: logprobs agree to rounding)
+    assert [e.token for e in streamed] == [e.token for e in content]
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in content], abs=1e-4)
     for c in chunks:  # each content delta carries the logprobs of the tokens that make it up
         if c.choices and c.choices[0].delta.content and c.choices[0].logprobs:
             pieces = "".join(e.token for e in c.choices[0].logprobs.content or [])
@@ -286,3 +295,71 @@ def test_a_client_that_disconnects_mid_stream_is_cancelled(models: StudentModels
     while models.loop.running and time.monotonic() < deadline:
         time.sleep(0.05)
     assert models.loop.running == 0
+
+
+def test_smollm2_served_as_a_teacher_gives_genuine_top_logprobs(smollm2: str) -> None:
+    """The real teacher of the soft-label tests: SmolLM2-135M-Instruct behind the student server.
+    Its top-k logprobs are the model's own distribution (one teacher-forced forward agrees), the
+    stream carries the same entries, and the entries' bytes spell the answer."""
+    question: Any = [{"role": "user", "content": "What is the capital of France?"}]
+    with (
+        StudentModels(smollm2, served_name="smollm2") as teacher,
+        serve(create_student_app(teacher)) as running,
+    ):
+        client = openai.OpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0)
+        asked: dict[str, Any] = {"model": "smollm2", "messages": question, "max_tokens": 10, "temperature": 0}
+        plain = client.chat.completions.create(**asked, logprobs=True, top_logprobs=5)
+        chunks = list(client.chat.completions.create(**asked, logprobs=True, top_logprobs=5, stream=True))
+
+        answer = plain.choices[0].message.content or ""
+        assert "Paris" in answer
+        content = plain.choices[0].logprobs.content if plain.choices[0].logprobs else None
+        assert content and all(len(e.top_logprobs) == 5 for e in content)
+        assert bytes(b for e in content for b in e.bytes or []).decode("utf-8") == answer
+        streamed = [
+            e
+            for c in chunks
+            if c.choices and c.choices[0].logprobs
+            for e in c.choices[0].logprobs.content or []
+        ]
+        # The stream's prompt came from the prefix cache: the same tokens, logprobs to rounding.
+        assert [e.token for e in streamed] == [e.token for e in content]
+        assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in content], abs=1e-4)
+
+        prompt = teacher.prompt_ids("smollm2", question, None)
+        answer_ids = teacher.tokenizer(answer, add_special_tokens=False)["input_ids"]
+        with teacher.lock, torch.inference_mode():
+            model, _ = teacher.select("smollm2")
+            logits = model(input_ids=torch.tensor([prompt + answer_ids])).logits[0].float()
+        logp = torch.log_softmax(logits[len(prompt) - 1 : len(prompt) - 1 + len(answer_ids)], -1)
+        assert len(content) == len(answer_ids)
+        for entry, token, row in zip(content, answer_ids, logp, strict=True):
+            assert entry.logprob == pytest.approx(float(row[token]), abs=2e-3)
+            top = torch.topk(row, 5)
+            assert [t.logprob for t in entry.top_logprobs] == pytest.approx(top.values.tolist(), abs=2e-3)
+            assert entry.top_logprobs[0].token == entry.token
+
+
+def test_concurrent_http_requests_are_decoded_together(models: StudentModels, server: str) -> None:
+    client = openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0)
+    answers: dict[str, str | None] = {}
+
+    def ask(email: str) -> None:
+        messages: Any = chat(email)
+        r = client.chat.completions.create(model="tiny-base", messages=messages, max_tokens=12, temperature=0)
+        answers[email] = r.choices[0].message.content
+
+    before = models.stats.requests, models.stats.steps, models.stats.rows
+    threads = [threading.Thread(target=ask, args=(e,)) for e in EMAILS[:4]]
+    with models.lock:  # the loop cannot step until all four have arrived
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 60
+        while models.stats.requests < before[0] + 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    for t in threads:
+        t.join(60)
+    assert models.stats.rows - before[2] > models.stats.steps - before[1]
+    for email in EMAILS[:4]:
+        alone = models.chat("tiny-base", chat(email), None, SamplingParams(temperature=0.0, max_tokens=12))
+        assert answers[email] == alone.choices[0].text

@@ -12,7 +12,7 @@ from litestar import Litestar, Request, post
 from sqlmodel import select
 
 from gateway.store.db import Database
-from gateway.store.models import AnswerCheck, Record
+from gateway.store.models import AnswerCheck, Record, Usage
 from router.policy import parse_policy
 from tests.servers import ServerThread, serve
 from tests.trainer.conftest import INTENTS, add_records, intent_records
@@ -127,6 +127,29 @@ def test_wrong_answers_are_marked_kept_and_left_out_of_the_dataset(
     assert selection.dropped["failed_validation"] == len(wrong)
     assert {ex.record_id for ex in selection.train}.isdisjoint(wrong)
     assert len(selection.train) == 60 - len(wrong)
+
+
+def test_checks_count_against_the_budget_of_the_key_whose_answers_they_checked(
+    store: Database, checker: tuple[Checker, ServerThread]
+) -> None:
+    _, server = checker
+    records = intent_records("intent", 8)
+    for record in records:
+        record.api_key_id = 7
+    add_records(store, records)
+    counts = AnswerChecker(store, policy_for(server.url)).run("intent")
+    assert counts is not None and counts.checked == 8
+    with store.session() as session:
+        ledger = session.exec(
+            select(Record).where(Record.target == "validator", Record.api_key_id == 7)
+        ).all()
+        month = session.exec(
+            select(Usage).where(Usage.key_id == 7, Usage.task == "", Usage.window == "month")
+        ).all()
+    assert len(ledger) == 8
+    # The gateway's limiter reads these counters back (gateway.limits): the budget sees the checks.
+    assert sum(u.spend_usd for u in month) == pytest.approx(sum(r.cost_usd for r in ledger))
+    assert sum(u.spend_usd for u in month) > 0
 
 
 def test_a_task_without_validate_is_not_checked(
