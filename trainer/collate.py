@@ -13,15 +13,21 @@ one example to predict another. Attention: no attention mask is passed; transfor
 derives block-diagonal causal masks from restarting position ids for eager/SDPA/flex
 attention, and flash-attention uses them as variable-length boundaries, so tokens attend only
 within their own example. Padding forms its own segment and carries no labels.
+
+Soft labels (``trainer.kd``): an example whose record carries the teacher's top-k gets soft
+targets at the answer positions that align with a teacher token; packing and the collator carry
+them alongside the labels, as ``[labelled positions, k]`` tensors in the order the loss takes the
+labelled positions.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from trainer.chat_format import template_messages
+from trainer.kd import AlignStats, SoftTargets, TeacherToken, align, soft_tensors
 
 IGNORE_INDEX = -100
 
@@ -46,6 +52,9 @@ class TemplateError(ValueError):
 class TokenizedExample:
     input_ids: list[int]
     labels: list[int]
+    soft: SoftTargets | None = None
+    """Soft targets keyed by label position (the token predicted), where the teacher's top-k
+    aligned; None without soft labels."""
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -91,16 +100,37 @@ def tokenize_example(
     tools: list[dict[str, Any]] | None = None,
     *,
     turns: AssistantTurns = "last",
+    teacher: Sequence[TeacherToken] | None = None,
+    id_of: Callable[[str], int | None] | None = None,
+    stats: AlignStats | None = None,
 ) -> TokenizedExample:
-    """Token ids and labels of one conversation, labelled on assistant tokens only."""
+    """Token ids and labels of one conversation, labelled on assistant tokens only; with the
+    teacher's tokens (and ``id_of``, ``trainer.kd.token_mapper``) also the soft targets of the
+    final answer, counted in ``stats``."""
     text, spans = assistant_spans(tokenizer, messages, tools, turns)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids: list[int] = list(enc["input_ids"])
     labels = [IGNORE_INDEX] * len(ids)
-    for j, (start, end) in enumerate(enc["offset_mapping"]):
+    offsets = [tuple(o) for o in enc["offset_mapping"]]
+    for j, (start, end) in enumerate(offsets):
         if end > start and any(lo <= start < hi for lo, hi in spans):
             labels[j] = ids[j]
-    return TokenizedExample(ids, labels)
+    soft = None
+    content = messages[-1].get("content") if messages else None
+    if teacher and id_of is not None and spans and isinstance(content, str) and content:
+        # The answer's text begins where its content begins inside the assistant span (after
+        # whatever header the template writes); teacher token spans count from there.
+        answer_start = spans[-1][0]
+        content_start = text.find(content, answer_start)
+        if content_start >= 0:
+            labelled = [
+                label != IGNORE_INDEX and s >= answer_start
+                for label, (s, _) in zip(labels, offsets, strict=True)
+            ]
+            if stats is not None:
+                stats.examples_with_soft_labels += 1
+            soft = align(offsets, labelled, content_start, teacher, id_of, stats)
+    return TokenizedExample(ids, labels, soft)
 
 
 def _renderer(tokenizer: Any, tools: list[dict[str, Any]] | None) -> Any:
@@ -121,6 +151,8 @@ class PackedSequence:
     labels: list[int] = field(default_factory=list)
     position_ids: list[int] = field(default_factory=list)
     lengths: list[int] = field(default_factory=list)
+    soft: SoftTargets = field(default_factory=SoftTargets)
+    """Soft targets by label position in the sequence."""
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -129,6 +161,12 @@ class PackedSequence:
         labels = list(example.labels)
         if labels:
             labels[0] = IGNORE_INDEX  # never predicted from the previous example's last token
+        if example.soft is not None:
+            offset = len(self.input_ids)
+            for pos, ids in example.soft.ids.items():
+                if pos > 0:
+                    self.soft.ids[offset + pos] = ids
+                    self.soft.probs[offset + pos] = example.soft.probs[pos]
         self.input_ids.extend(example.input_ids)
         self.labels.extend(labels)
         self.position_ids.extend(range(len(example)))
@@ -160,7 +198,9 @@ def pack(
 @dataclass(frozen=True)
 class Collator:
     """Pads a batch of packed sequences to its longest one: pad ids, ``-100`` labels, and
-    positions that start a new segment (so padding attends only to padding)."""
+    positions that start a new segment (so padding attends only to padding). With soft targets
+    in the batch, also ``soft_ids`` / ``soft_probs``: one row per labelled position (row-major,
+    as ``labels[:, 1:] != -100`` selects them), -1 / 0 where a position has none."""
 
     pad_token_id: int
 
@@ -174,8 +214,15 @@ class Collator:
             input_ids.append(seq.input_ids + [self.pad_token_id] * pad)
             labels.append(seq.labels + [IGNORE_INDEX] * pad)
             position_ids.append(seq.position_ids + list(range(pad)))
-        return {
+        out = {
             "input_ids": torch.tensor(input_ids, dtype=torch.long),
             "labels": torch.tensor(labels, dtype=torch.long),
             "position_ids": torch.tensor(position_ids, dtype=torch.long),
         }
+        k = max((len(ids) for seq in batch for ids in seq.soft.ids.values()), default=0)
+        if k:
+            positions = [[j for j in range(1, len(row)) if row[j] != IGNORE_INDEX] for row in labels]
+            soft_ids, soft_probs = soft_tensors([seq.soft for seq in batch], positions, k)
+            out["soft_ids"] = torch.tensor(soft_ids, dtype=torch.long).reshape(-1, k)
+            out["soft_probs"] = torch.tensor(soft_probs, dtype=torch.float32).reshape(-1, k)
+        return out

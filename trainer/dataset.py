@@ -23,6 +23,7 @@ from sqlmodel import col, select
 
 from gateway.store.db import Database
 from gateway.store.models import AnswerCheck, DatasetSnapshot, Record
+from trainer.kd import TeacherToken, teacher_tokens
 
 USABLE_FINISH_REASONS = frozenset({"stop", "tool_calls"})
 NEGATIVE_LABELS = frozenset({"bad", "negative", "wrong", "thumbs_down"})
@@ -81,6 +82,10 @@ class Example:
     request: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
     """The request body as recorded (model, response_format …): what scorers and the routing
     envelope read; not part of the exported example."""
+    teacher: list[TeacherToken] | None = field(default=None, repr=False, compare=False)
+    """The answer's tokens with the teacher's top-k (``trainer.kd``), when the record captured
+    them: training's soft labels; not part of the exported example nor of its content hash (the
+    same demonstration with or without them is the same data to dedupe and split)."""
 
     @property
     def prompt_messages(self) -> list[dict[str, Any]]:
@@ -238,6 +243,7 @@ def to_example(record: Record) -> Example | None:
         tools=tools,
         prompt_key=prompt_key(request),
         request=request,
+        teacher=teacher_tokens(response),
     )
 
 

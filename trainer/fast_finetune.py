@@ -97,6 +97,8 @@ class RowSteps:
     """Over all ranks: ``gradient_accumulation_steps``, at least one row per rank."""
     sequences: int = 0
     """Rows in the last epoch laid out."""
+    kd_weight: float = 0.0
+    """The KL term's share where a row has soft labels (``FinetuneConfig.kd_weight``)."""
 
     @property
     def units_per_step(self) -> int:
@@ -116,7 +118,7 @@ class RowSteps:
         return rows
 
     def loss_sum(self, model: Any, row: Row) -> torch.Tensor:
-        return row_loss_sum(model, row.to(self.device), self.fast)
+        return row_loss_sum(model, row.to(self.device), self.fast, self.kd_weight)
 
     @staticmethod
     def labelled(row: Row) -> int:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from trainer.attention import PACKED_ATTENTION, register
+from trainer.kd import kd_chunk_loss
 from trainer.token_budget import Row
 
 if TYPE_CHECKING:
@@ -94,14 +95,17 @@ def make_optimizer(
     )
 
 
-def row_loss_sum(model: Any, row: Row, fast: FastPath) -> torch.Tensor:
-    """Summed next-token cross-entropy over one row's labelled positions."""
+def row_loss_sum(model: Any, row: Row, fast: FastPath, kd_weight: float = 0.0) -> torch.Tensor:
+    """Summed next-token cross-entropy over one row's labelled positions (the KD loss of
+    ``trainer.kd`` where the row has soft targets and ``kd_weight`` > 0)."""
     import torch.nn.functional as F
 
     keep = row.targets if fast.labelled_logits_only else 0
     logits = model(**row.model_inputs(), logits_to_keep=keep).logits[0]
     if not fast.labelled_logits_only:
         logits = logits[row.targets]
+    if kd_weight > 0 and row.soft_ids is not None and row.soft_probs is not None:
+        return kd_chunk_loss(logits, row.target_ids, row.soft_ids, row.soft_probs, kd_weight)
     return F.cross_entropy(logits.float(), row.target_ids, reduction="sum")
 
 

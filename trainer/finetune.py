@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from router.policy import TrainPolicy
+from router.policy import SoftLabelPolicy, TrainPolicy
 from trainer import fast_finetune
 from trainer.base_model import resolve_base_model
 from trainer.collate import (
@@ -33,6 +33,7 @@ from trainer.collate import (
 )
 from trainer.distributed import World, all_sum, data_parallel, from_main, no_sync, process_group
 from trainer.fast_path import FastPath, make_optimizer, prepare_model
+from trainer.kd import AlignStats, token_mapper
 from trainer.loss import labelled_loss_sum
 from trainer.memory_plan import SHARE, available_bytes, plan_memory
 
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
     import torch
 
 _POLICY = TrainPolicy()
+_SOFT = SoftLabelPolicy()
 POLICY_FIELDS = (
     "method",
     "epochs",
@@ -112,11 +114,18 @@ class FinetuneConfig:
     memory_limit: int | None = None
     """Bytes the run may hold resident (CPU) or on the device (GPU); ``None``: what the machine
     (or its cgroup) has available when training starts. See ``trainer.memory_plan``."""
+    kd_weight: float = _SOFT.weight
+    """Policy ``soft_labels.weight`` (``SoftLabelPolicy`` documents it): the KL term's share of the
+    loss on answer tokens with soft labels; 0 trains on the hard labels alone."""
 
     @classmethod
-    def from_policy(cls, train: TrainPolicy, **overrides: Any) -> FinetuneConfig:
-        """The run configuration a task's ``train`` policy asks for."""
+    def from_policy(
+        cls, train: TrainPolicy, soft_labels: SoftLabelPolicy | None = None, **overrides: Any
+    ) -> FinetuneConfig:
+        """The run configuration a task's ``train`` (and ``soft_labels``) policy asks for."""
         values: dict[str, Any] = {name: getattr(train, name) for name in POLICY_FIELDS}
+        if soft_labels is not None:
+            values["kd_weight"] = soft_labels.weight
         values.update(overrides)
         return cls(**values)
 
@@ -182,6 +191,9 @@ class FinetuneResult:
     """This process's peak resident memory when the run ended (CPU runs; the process's whole life)."""
     trainable_parameters: int = 0
     total_parameters: int = 0
+    soft_labels: dict[str, Any] = field(default_factory=dict)
+    """Alignment coverage of the teacher's soft labels (``trainer.kd.AlignStats``) per dataset:
+    ``train`` and ``eval``."""
 
     @property
     def tokens_per_s(self) -> float:
@@ -271,8 +283,9 @@ def _finetune(
     tokenizer = AutoTokenizer.from_pretrained(base.path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-    train_tok, dropped_train = _tokenize(tokenizer, train_examples, config)
-    eval_tok, dropped_eval = _tokenize(tokenizer, eval_examples, config)
+    train_align, eval_align = AlignStats(), AlignStats()
+    train_tok, dropped_train = _tokenize(tokenizer, train_examples, config, train_align)
+    eval_tok, dropped_eval = _tokenize(tokenizer, eval_examples, config, eval_align)
     if not train_tok:
         raise ValueError("no training example fits max_seq_len (or none was given)")
     random.Random(config.seed).shuffle(train_tok)
@@ -320,7 +333,15 @@ def _finetune(
         )
     source: _StepSource = (
         fast_finetune.RowSteps(
-            train_tok, eval_tok, width, pad_id, config.max_seq_len, device, switches, per_step
+            train_tok,
+            eval_tok,
+            width,
+            pad_id,
+            config.max_seq_len,
+            device,
+            switches,
+            per_step,
+            kd_weight=config.kd_weight,
         )
         if fast
         else _SequenceSteps(
@@ -330,6 +351,7 @@ def _finetune(
             memory.batch_tokens,
             per_step,
             device,
+            config.kd_weight,
         )
     )
     # What forward and backward go through: the model's loss as a module, in DDP beyond one rank.
@@ -367,6 +389,9 @@ def _finetune(
         estimated_peak_bytes=memory.estimated_peak_bytes,
         trainable_parameters=sum(p.numel() for p in trainable),
         total_parameters=sum(p.numel() for p in model.parameters()),
+        soft_labels={"train": train_align.as_dict(), "eval": eval_align.as_dict()}
+        if train_align.examples_with_soft_labels or eval_align.examples_with_soft_labels
+        else {},
     )
 
     def held_out_loss() -> float | None:
@@ -502,6 +527,8 @@ class _SequenceSteps:
     batch_tokens: int
     accumulation: int
     device: str
+    kd_weight: float = 0.0
+    """The KL term's share where a batch has soft labels (held-out loss stays cross-entropy)."""
 
     @property
     def units_per_step(self) -> int:
@@ -522,7 +549,7 @@ class _SequenceSteps:
 
     def loss_sum(self, model: Any, unit: list[PackedSequence]) -> torch.Tensor:
         inputs = {k: v.to(self.device) for k, v in self.collator(unit).items()}
-        return labelled_loss_sum(model, **inputs)
+        return labelled_loss_sum(model, **inputs, kd_weight=self.kd_weight)
 
     @staticmethod
     def labelled(unit: list[PackedSequence]) -> int:
@@ -627,11 +654,20 @@ def peak_rss_bytes() -> int:
 
 
 def _tokenize(
-    tokenizer: Any, examples: Sequence[Conversation], config: FinetuneConfig
+    tokenizer: Any, examples: Sequence[Conversation], config: FinetuneConfig, stats: AlignStats
 ) -> tuple[list[Any], int]:
     out, dropped = [], 0
+    id_of = token_mapper(tokenizer)
     for example in examples:
-        tokenized = tokenize_example(tokenizer, example.messages, example.tools, turns=config.assistant_turns)
+        tokenized = tokenize_example(
+            tokenizer,
+            example.messages,
+            example.tools,
+            turns=config.assistant_turns,
+            teacher=getattr(example, "teacher", None),  # trainer.dataset.Example's soft labels
+            id_of=id_of,
+            stats=stats,
+        )
         if len(tokenized) > config.max_seq_len or tokenized.trained_tokens == 0:
             dropped += 1
             continue

@@ -236,7 +236,7 @@ def train_task(
     the registry.
     """
     started = time.perf_counter()
-    config = config or FinetuneConfig.from_policy(policy.train)
+    config = config or FinetuneConfig.from_policy(policy.train, policy.soft_labels)
     snapshot, selection = build_snapshot(db, task, dataset_options(policy))
     run = start_run(db, task, snapshot.id)
     if not selection.train:

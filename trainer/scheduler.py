@@ -339,7 +339,7 @@ class Scheduler:
                 pass
         started = time.perf_counter()
         try:
-            config = FinetuneConfig.from_policy(tp.train, **self.finetune_overrides)
+            config = FinetuneConfig.from_policy(tp.train, tp.soft_labels, **self.finetune_overrides)
             trained = train_task(
                 self.db,
                 key,

@@ -42,6 +42,10 @@ class Row:
     records: int
     attention_tokens: int
     """Sum over the records of length squared: what causal attention costs, up to a constant."""
+    soft_ids: torch.Tensor | None = None
+    """Soft targets (``trainer.kd``) per target position, ``(labelled, k)``, -1 where none; None
+    when no record of the row has any."""
+    soft_probs: torch.Tensor | None = None
 
     @property
     def labelled(self) -> int:
@@ -66,6 +70,8 @@ class Row:
             targets=self.targets.to(device, non_blocking=True),
             target_ids=self.target_ids.to(device, non_blocking=True),
             segments=Segments(cu, self.segments.max_len),
+            soft_ids=None if self.soft_ids is None else self.soft_ids.to(device, non_blocking=True),
+            soft_probs=None if self.soft_probs is None else self.soft_probs.to(device, non_blocking=True),
         )
 
     def model_inputs(self) -> dict[str, Any]:
@@ -133,6 +139,7 @@ def _row(
     targets: list[int] = []
     target_ids: list[int] = []
     lengths: list[int] = []
+    soft: list[tuple[list[int], list[float]]] = []
     for example in examples:
         offset = len(ids)
         ids.extend(example.input_ids)
@@ -142,6 +149,8 @@ def _row(
             if j > 0 and label != IGNORE_INDEX:
                 targets.append(offset + j - 1)
                 target_ids.append(label)
+                got = example.soft
+                soft.append((got.ids.get(j, []), got.probs.get(j, [])) if got is not None else ([], []))
     tokens = len(ids)
     longest = max(lengths)
     while len(ids) < width:
@@ -157,6 +166,12 @@ def _row(
     cu = [0]
     for n in lengths:
         cu.append(cu[-1] + n)
+    k = max((len(i) for i, _ in soft), default=0)
+    soft_ids = soft_probs = None
+    if k:
+        soft_ids = tensor([x for i, _ in soft for x in i + [-1] * (k - len(i))]).reshape(-1, k)
+        probs = torch.tensor([x for _, p in soft for x in p + [0.0] * (k - len(p))], dtype=torch.float32)
+        soft_probs = (probs.pin_memory() if pin_memory else probs).reshape(-1, k)
     return Row(
         input_ids=tensor(ids).unsqueeze(0),
         position_ids=tensor(positions).unsqueeze(0),
@@ -166,4 +181,6 @@ def _row(
         tokens=tokens,
         records=len(examples),
         attention_tokens=sum(len(e) ** 2 for e in examples),
+        soft_ids=soft_ids,
+        soft_probs=soft_probs,
     )
