@@ -789,6 +789,7 @@ class Pipeline:
                 student_response=response if student else None,
                 student_latency_ms=latency * 1000 if student else None,
                 stored=call.stored,
+                api_key_id=call.key_id,
             )
         )
 

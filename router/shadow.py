@@ -18,8 +18,9 @@ from typing import Any
 from sqlalchemy import update
 from sqlmodel import col
 
+from gateway.store import usage
 from gateway.store.db import Database
-from gateway.store.models import Record, ShadowPair, Stage
+from gateway.store.models import Record, ShadowPair, Stage, new_id
 from router.decide import PairKind
 from router.policy import Policy
 from router.scorers import pick_scorer, score_pair
@@ -52,9 +53,32 @@ class ShadowJob:
     student_latency_ms: float | None = None
     stored: bool = True
     """False when the client opted out of storage: scores are kept, answers are not."""
+    api_key_id: int | None = None
+    """The key whose request this is: the pair's own calls (audit, judge) count against its budget."""
     created_at: float = field(default_factory=time.time)
     """When the request was routed: the pair counts as evidence for the stage (and canary step)
     current then, even if it is scored after the task moved on."""
+
+
+@dataclass(frozen=True)
+class Spend:
+    """One call a pair made to the teacher on its own (an audit's teacher answer, a judge's grade):
+    metered in the ledger as a ``record`` row of that target with no content."""
+
+    target: str
+    """``audit`` | ``judge``."""
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def _usage_of(result: Any) -> tuple[int, int]:
+    try:
+        data = result.json() if hasattr(result, "json") else result
+        found = data.get("usage") or {} if isinstance(data, Mapping) else {}
+        return int(found.get("prompt_tokens") or 0), int(found.get("completion_tokens") or 0)
+    except Exception:
+        return 0, 0
 
 
 @dataclass(frozen=True)
@@ -71,6 +95,7 @@ class ScoredPair:
     error: str | None = None
     """Why the student failed (an error counts as a failed pair and towards error bursts)."""
     detail: str | None = None
+    spend: tuple[Spend, ...] = ()
 
     def row(self) -> ShadowPair:
         from datetime import UTC, datetime
@@ -255,13 +280,27 @@ class ShadowMirror:
                     scorer = pick_scorer(teacher, job.request)
                 return ScoredPair(job, scorer, 0.0, False, None, teacher, latency, error=_describe(exc))
             latency = (time.perf_counter() - started) * 1000
+        spent: list[Spend] = []
+
+        def metered(target: str) -> Callable[[dict[str, Any]], Awaitable[Any]]:
+            call = self.teacher
+            assert call is not None
+
+            async def calling(request_body: dict[str, Any]) -> Any:
+                result = await call(request_body)
+                prompt, completion = _usage_of(result)
+                spent.append(Spend(target, str(request_body.get("model") or ""), prompt, completion))
+                return result
+
+            return calling
+
         if teacher is None:
             if self.teacher is None:
                 self.counters.teacher_errors += 1
                 return None
             try:
                 async with asyncio.timeout(policy.teacher.timeout):
-                    teacher = await self.teacher(body)
+                    teacher = await metered("audit")(body)
             except Exception as exc:
                 self.counters.teacher_errors += 1
                 log.warning(
@@ -276,7 +315,7 @@ class ShadowMirror:
                 student,
                 pass_score=promote.pass_score,
                 request=job.request,
-                judge_call=self.teacher,
+                judge_call=metered("judge") if self.teacher is not None else None,
                 judge_model=policy.teacher.model or str(job.request.get("model", "")),
             )
         except Exception as exc:
@@ -293,6 +332,7 @@ class ShadowMirror:
             teacher,
             latency,
             detail=result.detail,
+            spend=tuple(spent),
         )
 
     # -- storage -------------------------------------------------------------------------------
@@ -359,8 +399,11 @@ class ShadowMirror:
                     for row in rows:
                         row.student_response = redact(row.task, row.student_response)
                 session.add_all(rows)
+                ledger = self._ledger(batch)
+                session.add_all(ledger)
                 session.commit()
                 ids = [row.id for row in rows]
+            self._charge(ledger)
             self.counters.stored += len(batch)
             for pair, pair_id in zip(batch, ids, strict=True):
                 summary = pair.record_shadow()
@@ -373,6 +416,52 @@ class ShadowMirror:
             self._update_records()
         except Exception as exc:  # the pairs are stored; summaries wait for the next flush
             log.warning("record shadow summaries not attached yet (%s)", type(exc).__name__)
+
+    def _ledger(self, batch: list[ScoredPair]) -> list[Record]:
+        """The pairs' own teacher calls as ledger rows (target ``audit`` or ``judge``, no content)."""
+        policy = self.policy()
+        rows = []
+        for pair in batch:
+            for spent in pair.spend:
+                price = policy.price(spent.model) if policy is not None else None
+                cost = (
+                    0.0
+                    if price is None
+                    else (spent.prompt_tokens * price.input + spent.completion_tokens * price.output) / 1e6
+                )
+                rows.append(
+                    Record(
+                        id=new_id(),
+                        task=pair.job.task,
+                        api_key_id=pair.job.api_key_id,
+                        model=spent.model[:200],
+                        target=spent.target,
+                        stored=False,
+                        prompt_tokens=spent.prompt_tokens,
+                        completion_tokens=spent.completion_tokens,
+                        cost_usd=cost,
+                        teacher_cost_usd=0.0,
+                    )
+                )
+        return rows
+
+    def _charge(self, ledger: list[Record]) -> None:
+        """The pairs' calls count against the budgets of the keys whose requests were paired."""
+        charged = [
+            delta
+            for entry in ledger
+            if entry.api_key_id is not None and entry.cost_usd
+            for delta in usage.spend(
+                entry.api_key_id,
+                entry.task,
+                entry.created_at.timestamp(),
+                tokens=entry.prompt_tokens + entry.completion_tokens,
+                usd=entry.cost_usd,
+            )
+        ]
+        if charged:
+            with self.db.engine.begin() as conn:
+                usage.add(conn, charged)
 
     def _update_records(self) -> None:
         # The recorder writes records from its own queue, so a record may not exist yet when

@@ -336,3 +336,56 @@ async def test_without_a_policy_nothing_is_mirrored(db: Database) -> None:
     mirror = ShadowMirror(db, lambda: None, student)
     assert not mirror.submit(mirror_job("r1"))
     assert mirror.counters.dropped == 1
+
+
+async def test_a_pairs_own_teacher_calls_are_metered_in_the_ledger_and_charged_to_the_key(
+    db: Database,
+) -> None:
+    from gateway.keys import create_key
+    from gateway.store.models import Usage
+
+    async def student(adapter: str, body: dict[str, Any]) -> dict[str, Any]:
+        raise AssertionError("an audit must not call the student again")
+
+    async def teacher(body: dict[str, Any]) -> dict[str, Any]:
+        judging = body["messages"][0]["role"] == "system"
+        answer = reply("8" if judging else "refund")
+        answer["usage"] = {"prompt_tokens": 300 if judging else 40, "completion_tokens": 1 if judging else 2}
+        return answer
+
+    policy = parse_policy(
+        {
+            "teacher": {"base_url": "http://teacher/v1", "model": "gpt-big", "timeout": 5},
+            "student": {"base_url": "http://student/v1", "base_model": "tiny", "timeout": 0.3},
+            "prices": {"gpt-big": {"input": 2.0, "output": 10.0}},
+            "defaults": {"shadow": {"max_concurrency": 3}, "promote": {"scorer": "judge"}},
+        }
+    )
+    key, _ = create_key(db, "app")
+    mirror = ShadowMirror(db, lambda: policy, student, teacher)
+    add_record(db, "r1")
+    job = ShadowJob(
+        "r1",
+        "classify",
+        "classify@v1",
+        "audit",
+        Stage.serving,
+        REQUEST,
+        student_response=reply("billing"),
+        api_key_id=key.id,
+    )
+    mirror.submit(job)
+    await mirror.drain()
+    with db.session() as session:
+        ledger = {
+            r.target: r
+            for r in session.exec(select(Record).where(col(Record.target).in_(["audit", "judge"])))
+        }
+        spent = session.exec(
+            select(Usage).where(Usage.key_id == key.id, Usage.task == "", Usage.window == "month")
+        ).all()
+    assert set(ledger) == {"audit", "judge"}
+    assert ledger["audit"].cost_usd == pytest.approx((40 * 2.0 + 2 * 10.0) / 1e6)
+    assert ledger["judge"].cost_usd == pytest.approx((300 * 2.0 + 1 * 10.0) / 1e6)
+    assert all(not r.stored and r.request is None and r.api_key_id == key.id for r in ledger.values())
+    assert sum(u.spend_usd for u in spent) == pytest.approx((80 + 20 + 600 + 10) / 1e6)
