@@ -6,6 +6,7 @@ admin route shares. The recorder, records and policy routes live here, the task 
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from typing import Any
 
@@ -16,6 +17,7 @@ from litestar.exceptions import ValidationException
 from litestar.handlers.base import BaseRouteHandler
 from litestar.params import Parameter
 from litestar.types import ExceptionHandlersMap
+from sqlalchemy.exc import StatementError
 
 from gateway.api import tasks
 from gateway.auth import KeyRing, require_admin
@@ -36,7 +38,10 @@ from gateway.store.db import Database
 from gateway.store.queries import RecordView, recent_records, record
 from router.policy_store import PolicyStatus, PolicyStore
 from router.stages import UnknownTask
+
 from router.tasks import UnknownAdapter
+
+log = logging.getLogger("distillgate.admin")
 
 JSON = "application/json"
 _FIELD = re.compile(r"`([^`]+)`")
@@ -152,7 +157,18 @@ async def keys_create(db: Database, data: NewKey) -> CreatedKey:
         KeySettings,
         from_attributes=True,
     )
-    row, secret = await asyncio.to_thread(create_key, db, data.name, admin=data.admin, settings=settings)
+    try:
+        row, secret = await asyncio.to_thread(create_key, db, data.name, admin=data.admin, settings=settings)
+    except GatewayError:
+        raise
+    except (StatementError, ValueError, TypeError, OverflowError) as exc:
+        # A value the checks let through but storing refuses is the request's fault: a 400 naming
+        # the kind of refusal (logged with its traceback for whoever tightens the checks).
+        log.exception("key not created: its settings could not be stored")
+        cause = exc.orig if isinstance(exc, StatementError) and exc.orig is not None else exc
+        raise InvalidRequest(
+            f"The key's settings could not be stored ({type(cause).__name__}); check the values' ranges."
+        ) from None
     return CreatedKey(**msgspec.structs.asdict(KeyView.of(row)), key=secret)
 
 

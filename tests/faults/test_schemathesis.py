@@ -73,6 +73,7 @@ def test_no_generated_request_gets_a_5xx(gateway: RunningGateway, fault_table: F
                 elif response.status_code >= 500:
                     failures.append(
                         f"{case.method} {case.formatted_path} -> {response.status_code}: {response.text[:200]}"
+                        f" (body {str(case.body)[:300]!r}, query {case.query!r})"
                     )
 
             try:
