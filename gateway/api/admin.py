@@ -38,7 +38,6 @@ from gateway.store.db import Database
 from gateway.store.queries import RecordView, recent_records, record
 from router.policy_store import PolicyStatus, PolicyStore
 from router.stages import UnknownTask
-
 from router.tasks import UnknownAdapter
 
 log = logging.getLogger("distillgate.admin")
