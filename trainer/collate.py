@@ -14,6 +14,16 @@ derives block-diagonal causal masks from restarting position ids for eager/SDPA/
 attention, and flash-attention uses them as variable-length boundaries, so tokens attend only
 within their own example. Padding forms its own segment and carries no labels.
 
+Shared prefixes (``share_prefix=True``): a task's records mostly begin with the same tokens (the
+chat template's header and the application's system prompt: 50-110 of a reference record's
+110-165 tokens). Such a prefix is laid out once per sequence, followed by each example's own
+tokens with the positions they have in the example; a 4D mask lets every example attend to the
+prefix and to itself. The prefix's hidden states do not depend on what follows them (causal
+attention), so each example's logits, its loss and the gradients are those of the example
+trained alone; only the work on the prefix is done once instead of once per example. The prefix
+stops before the last prompt token of every member, so every labelled token and the token that
+predicts it belong to one example.
+
 Soft labels (``trainer.kd``): an example whose record carries the teacher's top-k gets soft
 targets at the answer positions that align with a teacher token; packing and the collator carry
 them alongside the labels, as ``[labelled positions, k]`` tensors in the order the loss takes the
@@ -151,11 +161,22 @@ class PackedSequence:
     labels: list[int] = field(default_factory=list)
     position_ids: list[int] = field(default_factory=list)
     lengths: list[int] = field(default_factory=list)
+    """Tokens each example owns in the sequence (after the shared prefix, if any)."""
     soft: SoftTargets = field(default_factory=SoftTargets)
     """Soft targets by label position in the sequence."""
+    prefix: int = 0
+    """Leading tokens every example attends to (a shared prefix laid out once); 0: none, the
+    examples are plainly concatenated."""
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+    def segments(self) -> list[int]:
+        """Per token: 0 for the shared prefix, k for the k-th example's own tokens (from 1)."""
+        out = [0] * self.prefix
+        for k, length in enumerate(self.lengths, start=1):
+            out.extend([k] * length)
+        return out
 
     def add(self, example: TokenizedExample) -> None:
         labels = list(example.labels)
@@ -174,25 +195,94 @@ class PackedSequence:
 
 
 def pack(
-    examples: Sequence[TokenizedExample], max_seq_len: int, *, packing: bool = True
+    examples: Sequence[TokenizedExample],
+    max_seq_len: int,
+    *,
+    packing: bool = True,
+    share_prefix: bool = False,
 ) -> list[PackedSequence]:
     """Greedily fill sequences of at most ``max_seq_len`` tokens with examples, in order.
 
     Examples longer than ``max_seq_len`` must have been dropped before. With ``packing=False``
-    every example is its own sequence.
+    every example is its own sequence. With ``share_prefix`` the tokens all members of a
+    sequence begin with are laid out once (module docstring), so more examples fit.
     """
-    sequences: list[PackedSequence] = []
-    current = PackedSequence()
     for example in examples:
         if len(example) > max_seq_len:
             raise ValueError(f"an example of {len(example)} tokens does not fit max_seq_len={max_seq_len}")
-        if current.lengths and (not packing or len(current) + len(example) > max_seq_len):
+    if not share_prefix:
+        sequences: list[PackedSequence] = []
+        current = PackedSequence()
+        for example in examples:
+            if current.lengths and (not packing or len(current) + len(example) > max_seq_len):
+                sequences.append(current)
+                current = PackedSequence()
+            current.add(example)
+        if current.lengths:
             sequences.append(current)
-            current = PackedSequence()
-        current.add(example)
-    if current.lengths:
-        sequences.append(current)
-    return sequences
+        return sequences
+    groups: list[tuple[list[TokenizedExample], int]] = []
+    members: list[TokenizedExample] = []
+    shared = 0
+    for example in examples:
+        if members and packing:
+            common = min(
+                shared, _common_prefix(members[0].input_ids, example.input_ids), _prefix_cap(example)
+            )
+            grown = common + sum(len(m) - common for m in members) + len(example) - common
+            if grown <= max_seq_len:
+                members.append(example)
+                shared = common
+                continue
+        if members:
+            groups.append((members, shared))
+        members, shared = [example], _prefix_cap(example)
+    if members:
+        groups.append((members, shared))
+    return [_shared_sequence(group, shared) for group, shared in groups]
+
+
+def _prefix_cap(example: TokenizedExample) -> int:
+    """The longest prefix of ``example`` that may be shared: it ends before the token that
+    predicts the first label (so every labelled position and its predecessor stay its own)."""
+    first = next((j for j, label in enumerate(example.labels) if label != IGNORE_INDEX), len(example))
+    return max(0, first - 1)
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    for j in range(n):
+        if a[j] != b[j]:
+            return j
+    return n
+
+
+def _shared_sequence(members: Sequence[TokenizedExample], shared: int) -> PackedSequence:
+    if len(members) == 1 or shared == 0:
+        seq = PackedSequence()
+        for example in members:
+            seq.add(example)
+        return seq
+    seq = PackedSequence(
+        input_ids=list(members[0].input_ids[:shared]),
+        labels=[IGNORE_INDEX] * shared,
+        position_ids=list(range(shared)),
+        prefix=shared,
+    )
+    for example in members:
+        start = len(seq.input_ids)
+        labels = list(example.labels[shared:])
+        labels[0] = IGNORE_INDEX  # predicted from the previous example's last token: never labelled
+        if example.soft is not None:
+            for pos, ids in example.soft.ids.items():
+                if pos > shared:
+                    seq.soft.ids[start + pos - shared] = ids
+                    seq.soft.probs[start + pos - shared] = example.soft.probs[pos]
+        seq.input_ids.extend(example.input_ids[shared:])
+        seq.labels.extend(labels)
+        seq.position_ids.extend(range(shared, len(example)))
+        seq.lengths.append(len(example) - shared)
+    return seq
 
 
 @dataclass(frozen=True)
@@ -219,6 +309,8 @@ class Collator:
             "labels": torch.tensor(labels, dtype=torch.long),
             "position_ids": torch.tensor(position_ids, dtype=torch.long),
         }
+        if any(seq.prefix for seq in batch):
+            out["attention_mask"] = shared_prefix_mask(batch, width)
         k = max((len(ids) for seq in batch for ids in seq.soft.ids.values()), default=0)
         if k:
             positions = [[j for j in range(1, len(row)) if row[j] != IGNORE_INDEX] for row in labels]
@@ -226,3 +318,20 @@ class Collator:
             out["soft_ids"] = torch.tensor(soft_ids, dtype=torch.long).reshape(-1, k)
             out["soft_probs"] = torch.tensor(soft_probs, dtype=torch.float32).reshape(-1, k)
         return out
+
+
+def shared_prefix_mask(batch: Sequence[PackedSequence], width: int) -> Any:
+    """The ``[batch, 1, width, width]`` boolean mask (True: may attend) of packed sequences with
+    shared prefixes: causal, within an example's own tokens and to its sequence's prefix; the
+    padding attends only to the padding."""
+    import torch
+
+    rows = []
+    for seq in batch:
+        segments = seq.segments()
+        rows.append(segments + [-1] * (width - len(segments)))
+    seg = torch.tensor(rows, dtype=torch.long)
+    query, key = seg[:, :, None], seg[:, None, :]
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    allowed = (query == key) | ((key == 0) & (query > 0))
+    return (allowed & causal)[:, None]

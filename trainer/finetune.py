@@ -90,6 +90,10 @@ class FinetuneConfig:
     max_seq_len: int = _POLICY.max_seq_len
     packing: bool = True
     """Concatenate several examples per sequence (attention and labels stay per example)."""
+    share_prefix: bool = True
+    """CPU path, with ``packing``: lay out the tokens a sequence's examples begin with (template
+    header, system prompt) once and let each example attend to them (``trainer.collate``): the
+    same losses and gradients as without, for a fraction of the tokens."""
     assistant_turns: AssistantTurns = "last"
     """Which assistant turns carry loss: ``last`` (the record's teacher answer) or ``all``."""
     eval_every: int = 0
@@ -345,8 +349,8 @@ def _finetune(
         )
         if fast
         else _SequenceSteps(
-            pack(train_tok, memory.sequence_tokens, packing=config.packing),
-            pack(eval_tok, memory.sequence_tokens, packing=config.packing),
+            pack(train_tok, memory.sequence_tokens, packing=config.packing, share_prefix=config.share_prefix),
+            pack(eval_tok, memory.sequence_tokens, packing=config.packing, share_prefix=config.share_prefix),
             Collator(pad_id),
             memory.batch_tokens,
             per_step,

@@ -150,3 +150,69 @@ def test_collator_pads_with_ignored_labels_and_a_separate_segment() -> None:
         [IGNORE_INDEX, 8, 9, 10],
     ]
     assert batch["position_ids"].tolist() == [[0, 1, 0, 1], [0, 1, 2, 3]]
+
+
+def test_a_shared_prefix_is_laid_out_once_and_changes_no_loss_nor_gradient(
+    tokenizer: Any, tiny_model: Path
+) -> None:
+    """Examples that begin alike (template header, system prompt) share those tokens once per
+    sequence; every example's loss and the gradients are those of the examples trained apart."""
+    from trainer.loss import labelled_loss_sum
+
+    items = examples(tokenizer)
+    total = sum(len(e) for e in items)
+    shared = pack(items, max_seq_len=total, share_prefix=True)
+    assert len(shared) == 1 and shared[0].prefix > 0
+    assert len(shared[0]) == shared[0].prefix + sum(shared[0].lengths) < total
+    assert sum(e.trained_tokens for e in items) == sum(1 for x in shared[0].labels if x != IGNORE_INDEX)
+    # The prefix stops before every example's last prompt token.
+    first_labels = [next(j for j, x in enumerate(e.labels) if x != IGNORE_INDEX) for e in items]
+    assert shared[0].prefix <= min(first_labels) - 1
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    collate = Collator(tokenizer.pad_token_id)
+
+    def loss_and_grads(sequences: list[PackedSequence]) -> tuple[float, list[torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        total_loss = torch.zeros(())
+        for seq in sequences:
+            total_loss = total_loss + labelled_loss_sum(model, **collate([seq]))
+        total_loss.backward()
+        return float(total_loss.detach()), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    apart_loss, apart_grads = loss_and_grads([pack([e], len(e))[0] for e in items])
+    shared_loss, shared_grads = loss_and_grads(shared)
+    assert shared_loss == pytest.approx(apart_loss, rel=1e-5)
+    assert len(shared_grads) == len(apart_grads)
+    for a, b in zip(apart_grads, shared_grads, strict=True):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+    # A batch mixing a shared-prefix sequence, a plain one and padding: the same losses too.
+    plain = pack(items[:2], max_seq_len=total)[0]
+    batch = collate([shared[0], plain])
+    assert batch["attention_mask"].shape == (2, 1, len(shared[0]), len(shared[0]))
+    with torch.no_grad():
+        together = float(labelled_loss_sum(model, **batch))
+        alone = float(labelled_loss_sum(model, **collate([shared[0]]))) + float(
+            labelled_loss_sum(model, **collate([plain]))
+        )
+    assert together == pytest.approx(alone, rel=1e-5)
+
+
+def test_examples_with_different_prompts_share_nothing(tokenizer: Any) -> None:
+    a = tokenize_example(
+        tokenizer, [{"role": "user", "content": "alpha"}, {"role": "assistant", "content": "one"}]
+    )
+    b = tokenize_example(
+        tokenizer,
+        [
+            {"role": "system", "content": "Answer tersely."},
+            {"role": "user", "content": "beta"},
+            {"role": "assistant", "content": "two"},
+        ],
+    )
+    (seq,) = pack([a, b], max_seq_len=len(a) + len(b), share_prefix=True)
+    common = next(j for j, (x, y) in enumerate(zip(a.input_ids, b.input_ids, strict=False)) if x != y)
+    assert seq.prefix == common
+    assert seq.position_ids[: seq.prefix] == list(range(seq.prefix))
+    assert seq.position_ids[seq.prefix : seq.prefix + seq.lengths[0]] == list(range(seq.prefix, len(a)))
