@@ -145,19 +145,69 @@ def evaluate(
     is capped at the teacher's length plus ``answer_slack`` tokens (``None``: ``max_tokens``
     only); ``latency_ms_p50`` is an answer's own decode time, without its wait in the queue.
     """
-    name, function = resolve_scorer(scorer)
-    tokenizer = models.tokenizer_for(model)
+    return evaluate_many(
+        models,
+        [model],
+        examples,
+        scorer=scorer,
+        pass_score=pass_score,
+        max_tokens=max_tokens,
+        answer_slack=answer_slack,
+        keep_samples=keep_samples,
+    )[0]
+
+
+def evaluate_many(
+    models: StudentModels,
+    names: Sequence[str],
+    examples: Sequence[Example],
+    *,
+    scorer: str | ScoreFunction = "exact",
+    pass_score: float = 1.0,
+    max_tokens: int = 512,
+    answer_slack: int | None = ANSWER_SLACK_TOKENS,
+    keep_samples: int = 5,
+) -> list[EvalResult]:
+    """``evaluate`` for several models of ``models`` at once (the base and a candidate adapter):
+    every model's prompts go into the same decode batches, so the whole comparison costs about
+    what the slowest model's answers cost alone. One result per name, in order; each ``wall_s``
+    runs from the common start to that model's last answer."""
+    function_name, function = resolve_scorer(scorer)
     started = time.perf_counter()
-    futures: list[Future[ChatResult]] = []
-    for example in examples:
-        room = (
-            models.max_model_len - 1 - len(models.prompt_ids(model, example.prompt_messages, example.tools))
+    submitted: list[list[Future[ChatResult]]] = []
+    for model in names:
+        tokenizer = models.tokenizer_for(model)
+        futures: list[Future[ChatResult]] = []
+        for example in examples:
+            room = (
+                models.max_model_len
+                - 1
+                - len(models.prompt_ids(model, example.prompt_messages, example.tools))
+            )
+            limit = min(max_tokens, room)
+            if answer_slack is not None:
+                limit = min(limit, teacher_answer_tokens(tokenizer, example) + answer_slack)
+            params = SamplingParams(temperature=0.0, max_tokens=max(1, limit))
+            futures.append(models.submit(model, example.prompt_messages, example.tools, params))
+        submitted.append(futures)
+    results = []
+    for model, futures in zip(names, submitted, strict=True):
+        results.append(
+            _collect(model, function_name, function, examples, futures, pass_score, keep_samples, started)
         )
-        limit = min(max_tokens, room)
-        if answer_slack is not None:
-            limit = min(limit, teacher_answer_tokens(tokenizer, example) + answer_slack)
-        params = SamplingParams(temperature=0.0, max_tokens=max(1, limit))
-        futures.append(models.submit(model, example.prompt_messages, example.tools, params))
+    return results
+
+
+def _collect(
+    model: str,
+    scorer_name: str,
+    function: Callable[[dict[str, Any], dict[str, Any], dict[str, Any]], float],
+    examples: Sequence[Example],
+    futures: Sequence[Future[ChatResult]],
+    pass_score: float,
+    keep_samples: int,
+    started: float,
+) -> EvalResult:
     scores: list[float] = []
     latencies: list[float] = []
     samples: list[EvalSample] = []
@@ -179,7 +229,7 @@ def evaluate(
     ordered = sorted(latencies)
     return EvalResult(
         model=model,
-        scorer=name,
+        scorer=scorer_name,
         n=n,
         agreement=sum(scores) / n if n else 0.0,
         pass_rate=sum(1 for s in scores if s >= pass_score - 1e-12) / n if n else 0.0,
@@ -203,6 +253,20 @@ def evaluate_adapter(
             models.load("candidate", adapter_path)
             model = "candidate"
         return evaluate(models, model, examples, **kwargs)
+
+
+def evaluate_base_and_adapter(
+    base_model: str,
+    adapter_path: str,
+    examples: Sequence[Example],
+    **kwargs: Any,
+) -> tuple[EvalResult, EvalResult]:
+    """The untuned base and the adapter (or full model) at ``adapter_path`` on the same prompts,
+    answered together: one model load, shared decode batches (``evaluate_many``)."""
+    with StudentModels(base_model) as models:
+        models.load("candidate", adapter_path)
+        base, tuned = evaluate_many(models, [models.base_name, "candidate"], examples, **kwargs)
+        return base, tuned
 
 
 def _show(message: dict[str, Any]) -> str:

@@ -9,7 +9,14 @@ import pytest
 
 from tests.trainer.conftest import intent_records, weather_call, weather_records
 from trainer.dataset import DatasetOptions, select_examples
-from trainer.evaluate import evaluate, evaluate_adapter, exact_match, response_of, teacher_answer_tokens
+from trainer.evaluate import (
+    evaluate,
+    evaluate_adapter,
+    evaluate_base_and_adapter,
+    exact_match,
+    response_of,
+    teacher_answer_tokens,
+)
 from trainer.generation import StudentModels
 
 
@@ -88,3 +95,21 @@ def test_held_out_prompts_are_batched_and_capped_near_the_teachers_length(
         uncapped = evaluate(models, models.base_name, holdout[:2], answer_slack=None, max_tokens=20)
         assert uncapped.completion_tokens == 40
         assert capped.metrics()["completion_tokens"] == capped.completion_tokens and capped.wall_s > 0
+
+
+def test_the_base_and_the_adapter_answered_together_score_as_apart(
+    tiny_model: Path, intent_lora: Path
+) -> None:
+    """The scheduler's comparison (one model load, both models in the same decode batches) gives
+    each model the answers and scores it gets evaluated alone."""
+    holdout = select_examples(intent_records("intent", 40), DatasetOptions(holdout=0.25)).holdout
+    base, tuned = evaluate_base_and_adapter(str(tiny_model), str(intent_lora), holdout, max_tokens=4)
+    alone_base = evaluate_adapter(str(tiny_model), None, holdout, max_tokens=4)
+    alone_tuned = evaluate_adapter(str(tiny_model), str(intent_lora), holdout, max_tokens=4)
+    assert tuned.model == "candidate" and base.model != tuned.model
+    for together, alone in ((base, alone_base), (tuned, alone_tuned)):
+        assert together.n == alone.n == len(holdout)
+        assert together.agreement == alone.agreement and together.pass_rate == alone.pass_rate
+        assert together.completion_tokens == alone.completion_tokens
+        assert [s.student for s in together.samples] == [s.student for s in alone.samples]
+    assert [s.student for s in tuned.samples] != [s.student for s in base.samples]  # two models answered
