@@ -275,20 +275,5 @@ class AnswerChecker:
                 session.merge(check)  # a verdict another pass stored meanwhile is the same verdict
             session.add_all(ledger)
             session.commit()
-        # The checks count against the budgets of the keys whose answers they checked: the
-        # gateway replicas read these counters back within a second (gateway.limits).
-        charged = [
-            delta
-            for entry in ledger
-            if entry.api_key_id is not None and entry.cost_usd
-            for delta in usage.spend(
-                entry.api_key_id,
-                entry.task,
-                entry.created_at.timestamp(),
-                tokens=entry.prompt_tokens + entry.completion_tokens,
-                usd=entry.cost_usd,
-            )
-        ]
-        if charged:
-            with self.db.engine.begin() as conn:
-                usage.add(conn, charged)
+        # The checks count against the budgets of the keys whose answers they checked.
+        usage.charge(self.db.engine, ledger)
