@@ -22,7 +22,7 @@ from gateway.store import usage
 from gateway.store.db import Database
 from gateway.store.models import Record, ShadowPair, Stage, new_id
 from router.decide import PairKind
-from router.policy import Policy
+from router.policy import Policy, token_cost
 from router.scorers import pick_scorer, score_pair
 
 log = logging.getLogger("distillgate.shadow")
@@ -425,11 +425,7 @@ class ShadowMirror:
         for pair in batch:
             for spent in pair.spend:
                 price = policy.price(spent.model) if policy is not None else None
-                cost = (
-                    0.0
-                    if price is None
-                    else (spent.prompt_tokens * price.input + spent.completion_tokens * price.output) / 1e6
-                )
+                cost = token_cost(price, spent.prompt_tokens, spent.completion_tokens)
                 rows.append(
                     Record(
                         id=new_id(),
