@@ -152,6 +152,18 @@ def test_dashboard_covers_every_design_metric() -> None:
     assert DESIGN_SERIES - used == set()
 
 
+def test_dashboard_charts_every_metric_the_gateway_defines() -> None:
+    """A metric added to gateway/metrics.py gets a panel (a histogram through any of its series)."""
+    used = set().union(*(analyse(expr).metrics for _, expr in dashboard_expressions()))
+    uncharted = []
+    for metric in vars(Metrics()).values():
+        if isinstance(metric, MetricWrapperBase):
+            (family,) = metric.describe()
+            if not set(exposition_names(family.name, family.type)) & used:
+                uncharted.append(family.name)
+    assert uncharted == []
+
+
 def test_task_stage_panel_maps_every_stage() -> None:
     panel = next(p for p in dashboard()["panels"] if p["title"] == "Task stage")
     mapping = panel["fieldConfig"]["defaults"]["mappings"][0]["options"]
