@@ -1,10 +1,11 @@
-"""The cost ledger's arithmetic: USD for an exchange from its usage and the policy's price table."""
+"""The cost ledger's arithmetic: USD for an exchange from its usage and the policy's price table
+(tokens are priced by ``router.policy.token_cost``, which every layer shares)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from router.policy import Policy, Price
+from router.policy import Policy, token_cost
 
 STUDENT_PRICE_KEY = "student"
 
@@ -19,19 +20,6 @@ class Cost:
     @property
     def savings_usd(self) -> float:
         return self.teacher_usd - self.usd
-
-
-def token_cost(
-    price: Price | None, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0
-) -> float:
-    """USD for one exchange at per-million-token prices; cached prompt tokens at the cached price."""
-    if price is None:
-        return 0.0
-    cached = min(cached_tokens, prompt_tokens)
-    cached_price = price.input if price.cached_input is None else price.cached_input
-    return (
-        (prompt_tokens - cached) * price.input + cached * cached_price + completion_tokens * price.output
-    ) / 1e6
 
 
 def exchange_cost(

@@ -104,6 +104,22 @@ class Price(_Strict):
     """For a self-hosted student: USD per GPU-hour, spread over the request's latency."""
 
 
+def token_cost(
+    price: Price | None, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0
+) -> float:
+    """USD for one exchange at per-million-token prices; cached prompt tokens at the cached price.
+
+    Here, beside ``Price``, so every layer prices tokens the same way: the gateway's ledger
+    (``gateway.cost``), the shadow pairs' audit and judge calls and the answer checks."""
+    if price is None:
+        return 0.0
+    cached = min(cached_tokens, prompt_tokens)
+    cached_price = price.input if price.cached_input is None else price.cached_input
+    return (
+        (prompt_tokens - cached) * price.input + cached * cached_price + completion_tokens * price.output
+    ) / 1e6
+
+
 class CachePolicy(_Strict):
     enabled: bool = True
     ttl: Duration = 86400.0

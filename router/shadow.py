@@ -22,7 +22,7 @@ from gateway.store import usage
 from gateway.store.db import Database
 from gateway.store.models import Record, ShadowPair, Stage, new_id
 from router.decide import PairKind
-from router.policy import Policy
+from router.policy import Policy, token_cost
 from router.scorers import pick_scorer, score_pair
 
 log = logging.getLogger("distillgate.shadow")
@@ -403,7 +403,8 @@ class ShadowMirror:
                 session.add_all(ledger)
                 session.commit()
                 ids = [row.id for row in rows]
-            self._charge(ledger)
+            # The pairs' calls count against the budgets of the keys whose requests were paired.
+            usage.charge(self.db.engine, ledger)
             self.counters.stored += len(batch)
             for pair, pair_id in zip(batch, ids, strict=True):
                 summary = pair.record_shadow()
@@ -424,11 +425,7 @@ class ShadowMirror:
         for pair in batch:
             for spent in pair.spend:
                 price = policy.price(spent.model) if policy is not None else None
-                cost = (
-                    0.0
-                    if price is None
-                    else (spent.prompt_tokens * price.input + spent.completion_tokens * price.output) / 1e6
-                )
+                cost = token_cost(price, spent.prompt_tokens, spent.completion_tokens)
                 rows.append(
                     Record(
                         id=new_id(),
@@ -444,24 +441,6 @@ class ShadowMirror:
                     )
                 )
         return rows
-
-    def _charge(self, ledger: list[Record]) -> None:
-        """The pairs' calls count against the budgets of the keys whose requests were paired."""
-        charged = [
-            delta
-            for entry in ledger
-            if entry.api_key_id is not None and entry.cost_usd
-            for delta in usage.spend(
-                entry.api_key_id,
-                entry.task,
-                entry.created_at.timestamp(),
-                tokens=entry.prompt_tokens + entry.completion_tokens,
-                usd=entry.cost_usd,
-            )
-        ]
-        if charged:
-            with self.db.engine.begin() as conn:
-                usage.add(conn, charged)
 
     def _update_records(self) -> None:
         # The recorder writes records from its own queue, so a record may not exist yet when

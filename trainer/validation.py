@@ -31,7 +31,7 @@ from sqlmodel import col, select
 from gateway.store import usage
 from gateway.store.db import Database
 from gateway.store.models import AnswerCheck, Record, new_id, utcnow
-from router.policy import Policy, ValidatePolicy
+from router.policy import Policy, ValidatePolicy, token_cost
 
 log = logging.getLogger("distillgate.validation")
 
@@ -206,8 +206,7 @@ class AnswerChecker:
                     int(usage.get("prompt_tokens") or 0),
                     int(usage.get("completion_tokens") or 0),
                 )
-                price = self.policy.price(str(body["model"]))
-                cost = 0.0 if price is None else (prompt * price.input + completion * price.output) / 1e6
+                cost = token_cost(self.policy.price(str(body["model"])), prompt, completion)
                 ledger = Record(
                     id=new_id(),
                     api_key_id=record.api_key_id,  # the key whose traffic was checked pays for it
@@ -275,20 +274,5 @@ class AnswerChecker:
                 session.merge(check)  # a verdict another pass stored meanwhile is the same verdict
             session.add_all(ledger)
             session.commit()
-        # The checks count against the budgets of the keys whose answers they checked: the
-        # gateway replicas read these counters back within a second (gateway.limits).
-        charged = [
-            delta
-            for entry in ledger
-            if entry.api_key_id is not None and entry.cost_usd
-            for delta in usage.spend(
-                entry.api_key_id,
-                entry.task,
-                entry.created_at.timestamp(),
-                tokens=entry.prompt_tokens + entry.completion_tokens,
-                usd=entry.cost_usd,
-            )
-        ]
-        if charged:
-            with self.db.engine.begin() as conn:
-                usage.add(conn, charged)
+        # The checks count against the budgets of the keys whose answers they checked.
+        usage.charge(self.db.engine, ledger)

@@ -1,7 +1,8 @@
 """The shared ``usage`` counters behind per-key limits (``gateway.limits`` reads them): additions
 are upserts (``requests = requests + excluded.requests``), so every process that spends on a
 key's behalf adds its share without reading first: the gateway's replicas (requests, tokens, the
-answers' cost) and the training worker (answer checks: validator calls on the key's records)."""
+answers' cost), the shadow writer (a pair's audit and judge calls) and the training worker (answer
+checks: validator calls on the key's records), the last two through ``charge``."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from sqlalchemy import Engine
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-from gateway.store.models import Usage
+from gateway.store.models import Record, Usage
 
 USAGE_TABLE = Usage.__table__  # type: ignore[attr-defined]
 MINUTE = "minute"
@@ -103,3 +105,24 @@ def spend(key_id: int, task: str, when: float, *, tokens: int = 0, usd: float = 
         for scope in (KEY_SCOPE, task)
         for period in PERIODS
     ]
+
+
+def charge(engine: Engine, ledger: Iterable[Record]) -> None:
+    """Count ledger rows made on a key's behalf outside its requests (a shadow pair's audit and
+    judge calls, an answer check) against that key's budgets; rows with no key or no cost add
+    nothing. The gateway's replicas read these counters back within a second (``gateway.limits``)."""
+    deltas = [
+        delta
+        for entry in ledger
+        if entry.api_key_id is not None and entry.cost_usd
+        for delta in spend(
+            entry.api_key_id,
+            entry.task,
+            entry.created_at.timestamp(),
+            tokens=entry.prompt_tokens + entry.completion_tokens,
+            usd=entry.cost_usd,
+        )
+    ]
+    if deltas:
+        with engine.begin() as conn:
+            add(conn, deltas)

@@ -53,6 +53,8 @@ DESIGN_SERIES = {
     "distillgate_recorder_dropped_total",
     "distillgate_training_runs_total",
     "distillgate_upstream_errors_total",
+    "distillgate_answer_checks_total",
+    "distillgate_soft_label_captures_total",
 }
 
 
@@ -101,6 +103,8 @@ def test_dashboard_has_the_panels_ops_asked_for() -> None:
         "student traffic ratio",
         "recorder queue",
         "upstream errors",
+        "answer checks by verdict",
+        "soft-label captures",
     ):
         assert words in titles, words
 
@@ -148,6 +152,18 @@ def test_dashboard_covers_every_design_metric() -> None:
     assert DESIGN_SERIES - used == set()
 
 
+def test_dashboard_charts_every_metric_the_gateway_defines() -> None:
+    """A metric added to gateway/metrics.py gets a panel (a histogram through any of its series)."""
+    used = set().union(*(analyse(expr).metrics for _, expr in dashboard_expressions()))
+    uncharted = []
+    for metric in vars(Metrics()).values():
+        if isinstance(metric, MetricWrapperBase):
+            (family,) = metric.describe()
+            if not set(exposition_names(family.name, family.type)) & used:
+                uncharted.append(family.name)
+    assert uncharted == []
+
+
 def test_task_stage_panel_maps_every_stage() -> None:
     panel = next(p for p in dashboard()["panels"] if p["title"] == "Task stage")
     mapping = panel["fieldConfig"]["defaults"]["mappings"][0]["options"]
@@ -161,10 +177,10 @@ def test_task_stage_panel_maps_every_stage() -> None:
 
 @contextmanager
 def gateway_in_front_of(teacher_url: str, tmp_path: Path) -> Iterator[tuple[str, Callable[[], None]]]:
-    """A real gateway (SQLite) and a function that sends it a little traffic of every kind."""
-    server, gateway, key = start_gateway(
-        f"sqlite:///{tmp_path / 'dg.db'}", make_policy(teacher_url), tmp_path
-    )
+    """A real gateway (SQLite) and a function that sends it a little traffic of every kind (the
+    task's teacher answers captured with soft labels)."""
+    policy = make_policy(teacher_url, tasks={"greet": {"soft_labels": {"rate": 1.0}}})
+    server, gateway, key = start_gateway(f"sqlite:///{tmp_path / 'dg.db'}", policy, tmp_path)
 
     def traffic() -> None:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
@@ -216,6 +232,7 @@ def test_live_gateway_exports_every_metric_the_dashboard_and_alerts_read(
         "distillgate_request_duration_seconds_bucket",
         "distillgate_tokens_total",
         "distillgate_cost_usd_total",
+        "distillgate_soft_label_captures_total",
     ):
         assert exported[series], f"{series} has no samples after traffic"
         assert exported[series] | {"instance", "job"} == defined[series], series
@@ -231,6 +248,7 @@ MUST_HAVE_DATA = (
     "Tokens per second by target and kind",
     "Spend vs. savings (USD per hour)",
     "Gateway overhead (p50, p99)",
+    "Soft-label captures per second by task",
 )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,8 @@ from gateway.keys import create_key
 from gateway.recorder import Recorder
 from gateway.settings import Settings
 from gateway.store.db import Database
-from tests.conftest import ADMIN_KEY, make_policy
+from tests.conftest import ADMIN_KEY, RunningGateway, make_policy
+from tests.faults.teacher import FaultyTeacher, gateway_before
 from tests.servers import ServerThread, TcpProxy, fresh_postgres_database
 
 
@@ -207,3 +209,23 @@ def gateway_on(teacher: tuple[ScriptedTeacher, ServerThread]) -> Iterator[Callab
     finally:
         for server in started:
             server.stop()
+
+
+# -- fixtures of the teacher and request faults (test_upstream_faults.py, test_request_faults.py) ---
+@pytest.fixture
+def faulty_teacher() -> Iterator[FaultyTeacher]:
+    with FaultyTeacher() as faulty:
+        yield faulty
+
+
+@pytest.fixture
+def faulty_gateway(faulty_teacher: FaultyTeacher, tmp_path: Path) -> Iterator[Callable[..., RunningGateway]]:
+    """``faulty_gateway(**settings)``: a recording gateway on a fresh PostgreSQL database in front
+    of ``faulty_teacher`` (``settings`` as for ``gateway_before``), stopped after the test."""
+    with ExitStack() as started:
+
+        def start(**settings: Any) -> RunningGateway:
+            url = started.enter_context(fresh_postgres_database())
+            return started.enter_context(gateway_before(faulty_teacher, url, tmp_path, **settings))
+
+        yield start

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import orjson
 from sqlmodel import col, func, select
 
@@ -186,3 +187,29 @@ def record_count(gateway: RunningGateway) -> int:
     gateway.flush()
     with gateway.db().session() as session:
         return int(session.exec(select(func.count()).select_from(Record)).one())
+
+
+CHAT: dict[str, object] = {"model": "teacher-large", "messages": [{"role": "user", "content": "hello"}]}
+"""The plainest chat request the faults tests send (and vary)."""
+
+
+def chat(
+    gateway: RunningGateway, body: bytes | dict[str, object] | None = None, **headers: str
+) -> httpx.Response:
+    """POST ``body`` (``CHAT`` when left out; bytes sent as they are) to the gateway's chat
+    completions with its key, plus ``headers``."""
+    content = body if isinstance(body, bytes) else orjson.dumps(CHAT if body is None else body)
+    return httpx.post(
+        gateway.v1 + "/chat/completions",
+        content=content,
+        headers={"Authorization": f"Bearer {gateway.key}", "Content-Type": "application/json", **headers},
+        timeout=30,
+    )
+
+
+def param_and_code(response: httpx.Response) -> tuple[str | None, str | None]:
+    """The ``param`` and ``code`` of an error answer, once its body is checked to be OpenAI's
+    error shape (exactly ``message``, ``type``, ``param``, ``code``)."""
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    return error["param"], error["code"]

@@ -5,8 +5,7 @@ before the teacher is called, or folded into bounded state."""
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import httpx
 import orjson
@@ -16,39 +15,15 @@ from gateway.store.models import Stage, Task
 from gateway.task_limits import OVERFLOW_TASK
 from tests.conftest import RunningGateway
 from tests.faults.conftest import FaultTable
-from tests.faults.teacher import FaultyTeacher, gateway_before, record_count, records
-from tests.servers import fresh_postgres_database, wait_until
+from tests.faults.teacher import CHAT, FaultyTeacher, chat, param_and_code, record_count, records
+from tests.servers import wait_until
 
 pytestmark = pytest.mark.postgres
 
-CHAT: dict[str, object] = {"model": "teacher-large", "messages": [{"role": "user", "content": "hello"}]}
-
 
 @pytest.fixture
-def teacher() -> Iterator[FaultyTeacher]:
-    with FaultyTeacher() as faulty:
-        yield faulty
-
-
-@pytest.fixture
-def gateway(teacher: FaultyTeacher, tmp_path: Path) -> Iterator[RunningGateway]:
-    with (
-        fresh_postgres_database() as url,
-        gateway_before(
-            teacher, url, tmp_path, tasks={"max_new_per_key": 5, "max_tasks": 8, "max_task_labels": 3}
-        ) as gw,
-    ):
-        yield gw
-
-
-def _post(gateway: RunningGateway, body: bytes | dict[str, object], **headers: str) -> httpx.Response:
-    content = body if isinstance(body, bytes) else orjson.dumps(body)
-    return httpx.post(
-        gateway.v1 + "/chat/completions",
-        content=content,
-        headers={"Authorization": f"Bearer {gateway.key}", "Content-Type": "application/json", **headers},
-        timeout=30,
-    )
+def gateway(faulty_gateway: Callable[..., RunningGateway]) -> RunningGateway:
+    return faulty_gateway(tasks={"max_new_per_key": 5, "max_tasks": 8, "max_task_labels": 3})
 
 
 def _raw_post(gateway: RunningGateway, header_line: bytes) -> bytes:
@@ -68,21 +43,15 @@ def _raw_post(gateway: RunningGateway, header_line: bytes) -> bytes:
     return answer
 
 
-def _param(response: httpx.Response) -> tuple[str | None, str | None]:
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    return error["param"], error["code"]
-
-
 def test_deep_nesting_is_refused_before_the_teacher(
-    gateway: RunningGateway, teacher: FaultyTeacher, fault_table: FaultTable
+    gateway: RunningGateway, faulty_teacher: FaultyTeacher, fault_table: FaultTable
 ) -> None:
     deep = b'{"model":"teacher-large","messages":[{"role":"user","content":"x"}],"x":' + b"[" * 1000
     deep += b"]" * 1000 + b"}"
-    r = _post(gateway, deep)
-    assert r.status_code == 400 and _param(r) == ("x", "nesting_too_deep")
-    assert teacher.calls == 0
-    within = _post(gateway, {**CHAT, "x": orjson.loads(b"[" * 100 + b"]" * 100)})
+    r = chat(gateway, deep)
+    assert r.status_code == 400 and param_and_code(r) == ("x", "nesting_too_deep")
+    assert faulty_teacher.calls == 0
+    within = chat(gateway, {**CHAT, "x": orjson.loads(b"[" * 100 + b"]" * 100)})
     assert within.status_code == 200
     found = record_count(gateway)
     fault_table.row(
@@ -105,11 +74,11 @@ def test_deep_nesting_is_refused_before_the_teacher(
     ],
 )
 def test_task_names_a_header_cannot_carry_are_refused(
-    gateway: RunningGateway, teacher: FaultyTeacher, name: str, task: str, fault_table: FaultTable
+    gateway: RunningGateway, faulty_teacher: FaultyTeacher, name: str, task: str, fault_table: FaultTable
 ) -> None:
-    r = _post(gateway, {**CHAT, "metadata": {"task": task}})
-    assert r.status_code == 400 and _param(r) == ("metadata.task", "invalid_value")
-    assert teacher.calls == 0
+    r = chat(gateway, {**CHAT, "metadata": {"task": task}})
+    assert r.status_code == 400 and param_and_code(r) == ("metadata.task", "invalid_value")
+    assert faulty_teacher.calls == 0
     found = record_count(gateway)
     fault_table.row(f"metadata.task {name}", "400 (param metadata.task)", 0, found, "teacher not called")
     assert found == 0
@@ -117,7 +86,7 @@ def test_task_names_a_header_cannot_carry_are_refused(
 
 @pytest.mark.parametrize(("name", "value"), [("Latin-1 é", "caf\xe9".encode("latin-1")), ("NUL", b"a\x00b")])
 def test_task_headers_a_response_cannot_carry_are_refused(
-    gateway: RunningGateway, teacher: FaultyTeacher, name: str, value: bytes, fault_table: FaultTable
+    gateway: RunningGateway, faulty_teacher: FaultyTeacher, name: str, value: bytes, fault_table: FaultTable
 ) -> None:
     answer = _raw_post(gateway, b"x-distillgate-task: " + value)
     status = int(answer.split(b" ", 2)[1])
@@ -127,7 +96,7 @@ def test_task_headers_a_response_cannot_carry_are_refused(
     refused_by = "gateway" if body.startswith(b"{") else "HTTP server"
     if refused_by == "gateway":
         assert orjson.loads(body)["error"]["param"] == "x-distillgate-task"
-    assert teacher.calls == 0
+    assert faulty_teacher.calls == 0
     found = record_count(gateway)
     fault_table.row(
         f"x-distillgate-task header {name}", f"400 from the {refused_by}", 0, found, "teacher not called"
@@ -136,7 +105,7 @@ def test_task_headers_a_response_cannot_carry_are_refused(
 
 
 def test_a_good_task_name_is_echoed_and_recorded(gateway: RunningGateway, fault_table: FaultTable) -> None:
-    r = _post(gateway, CHAT, **{"x-distillgate-task": "emails/classify v2"})
+    r = chat(gateway, CHAT, **{"x-distillgate-task": "emails/classify v2"})
     assert r.status_code == 200 and r.headers["x-distillgate-task"] == "emails/classify v2"
     found = records(gateway, task="emails/classify v2")
     assert len(found) == 1
@@ -157,7 +126,7 @@ def test_unique_task_names_fold_into_one_bounded_task(
     """Per key 5 new names (of 8 overall): the 12 requests are all answered and recorded, the 7
     past the cap under ``_overflow``, which is held paused; /metrics labels 3 tasks, then ``_other``."""
     tasks = [
-        _post(gateway, {**CHAT, "metadata": {"task": f"unique-{i}"}}).headers["x-distillgate-task"]
+        chat(gateway, {**CHAT, "metadata": {"task": f"unique-{i}"}}).headers["x-distillgate-task"]
         for i in range(12)
     ]
     assert tasks == [f"unique-{i}" for i in range(5)] + [OVERFLOW_TASK] * 7
@@ -194,7 +163,7 @@ def test_admin_queries_with_a_nul_are_400(gateway: RunningGateway, fault_table: 
         httpx.get(gateway.url + "/admin/task/pairs", params={"task": "a\x00"}, headers=admin),
     ]
     assert [r.status_code for r in answers] == [400, 400, 400]
-    assert {_param(r)[0] for r in answers} == {"task"}
+    assert {param_and_code(r)[0] for r in answers} == {"task"}
     fault_table.row(
         "GET /admin/records?task=%00 (and the task routes)", "400 (param task)", 0, record_count(gateway)
     )

@@ -11,10 +11,14 @@ from typing import Any
 
 import pytest
 import torch
+import typer
+import yaml
+from typer.testing import CliRunner
 
 from gateway.store.db import Database
 from gateway.store.models import Record
 from tests.servers import fresh_postgres_database
+from trainer.cli import register
 from trainer.tinymodel import TinyModelSpec, build_tiny_model, conversation_texts
 
 # One intra-op thread: on a small shared machine, torch's second thread spin-waits for a core
@@ -192,6 +196,56 @@ def add_records(db: Database, records: list[Record]) -> None:
     with db.session() as session:
         session.add_all(records)
         session.commit()
+
+
+# -- the training commands on a SQLite store (test_cli.py, test_distributed.py) ---------------------
+def cli_config(
+    tmp_path: Path, tiny_model: Path, train: dict[str, Any], *, intents: int, weather: int
+) -> Path:
+    """A config file for ``--config`` whose store (``tmp_path/distillgate.db``) holds ``intents``
+    intent and ``weather`` weather records, and whose policy trains the tiny model with ``train``."""
+    db_url = f"sqlite:///{tmp_path / 'distillgate.db'}"
+    db = Database(db_url)
+    db.create_all()
+    add_records(db, intent_records("intent", intents) + weather_records("weather", weather))
+    db.dispose()
+    policy = {
+        "teacher": {"base_url": "http://teacher.invalid/v1"},
+        "student": {
+            "base_url": "http://student.invalid/v1",
+            "base_model": str(tiny_model),
+            "engine": "embedded",
+        },
+        "defaults": {"train": train},
+    }
+    (tmp_path / "policy.yaml").write_text(yaml.safe_dump(policy))
+    settings = {
+        "database_url": db_url,
+        "policy_file": "policy.yaml",
+        "adapters_dir": str(tmp_path / "adapters"),
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(settings))
+    return path
+
+
+@pytest.fixture
+def cli_app() -> typer.Typer:
+    """The trainer's commands (``dataset``, ``train``, ``adapters``, ``student``) on a typer app."""
+    app = typer.Typer()
+    register(app)
+    return app
+
+
+def run(app: typer.Typer, *args: str) -> tuple[int, str]:
+    """Exit code and standard output of one command line."""
+    result = CliRunner().invoke(app, list(args))
+    return result.exit_code, result.stdout
+
+
+def last_json(output: str) -> Any:
+    """The ``--json`` result: a command prints it on its last line."""
+    return json.loads(output.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="session")

@@ -7,69 +7,26 @@ from pathlib import Path
 
 import pytest
 import typer
-import yaml
-from typer.testing import CliRunner
 
-from gateway.store.db import Database
-from tests.trainer.conftest import add_records, intent_records, weather_records
-from trainer.cli import register
-
-
-@pytest.fixture
-def app() -> typer.Typer:
-    app = typer.Typer()
-    register(app)
-    return app
+from tests.trainer.conftest import cli_config, last_json, run
 
 
 @pytest.fixture
 def config(tmp_path: Path, tiny_model: Path) -> Path:
-    db_url = f"sqlite:///{tmp_path / 'distillgate.db'}"
-    db = Database(db_url)
-    db.create_all()
-    add_records(db, intent_records("intent", 40) + weather_records("weather", 8))
-    db.dispose()
-    policy = {
-        "teacher": {"base_url": "http://teacher.invalid/v1"},
-        "student": {
-            "base_url": "http://student.invalid/v1",
-            "base_model": str(tiny_model),
-            "engine": "embedded",
-        },
-        "defaults": {
-            "train": {
-                "method": "lora",
-                "epochs": 1,
-                "batch_tokens": 1280,
-                "max_seq_len": 320,
-                "holdout": 0.25,
-                "lora_rank": 8,
-                "lora_alpha": 16,
-            }
-        },
+    train = {
+        "method": "lora",
+        "epochs": 1,
+        "batch_tokens": 1280,
+        "max_seq_len": 320,
+        "holdout": 0.25,
+        "lora_rank": 8,
+        "lora_alpha": 16,
     }
-    (tmp_path / "policy.yaml").write_text(yaml.safe_dump(policy))
-    settings = {
-        "database_url": db_url,
-        "policy_file": "policy.yaml",
-        "adapters_dir": str(tmp_path / "adapters"),
-    }
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(settings))
-    return path
+    return cli_config(tmp_path, tiny_model, train, intents=40, weather=8)
 
 
-def run(app: typer.Typer, *args: str) -> tuple[int, str]:
-    result = CliRunner().invoke(app, list(args))
-    return result.exit_code, result.stdout
-
-
-def last_json(output: str) -> object:
-    return json.loads(output.strip().splitlines()[-1])
-
-
-def test_dataset_build_and_export(app: typer.Typer, config: Path, tmp_path: Path) -> None:
-    code, out = run(app, "dataset", "build", "--task", "intent", "--config", str(config), "--json")
+def test_dataset_build_and_export(cli_app: typer.Typer, config: Path, tmp_path: Path) -> None:
+    code, out = run(cli_app, "dataset", "build", "--task", "intent", "--config", str(config), "--json")
     assert code == 0, out
     built = last_json(out)
     assert isinstance(built, dict) and built["kept"] == 40 and built["train"] + built["holdout"] == 40
@@ -77,7 +34,7 @@ def test_dataset_build_and_export(app: typer.Typer, config: Path, tmp_path: Path
 
     target = tmp_path / "weather.jsonl"
     code, out = run(
-        app,
+        cli_app,
         "dataset",
         "export",
         "--task",
@@ -98,7 +55,7 @@ def test_dataset_build_and_export(app: typer.Typer, config: Path, tmp_path: Path
     assert all(line["messages"][-1]["tool_calls"] for line in lines)
 
     code, _ = run(
-        app,
+        cli_app,
         "dataset",
         "export",
         "--task",
@@ -113,8 +70,8 @@ def test_dataset_build_and_export(app: typer.Typer, config: Path, tmp_path: Path
     assert code == 2
 
 
-def test_train_then_list_adapters(app: typer.Typer, config: Path) -> None:
-    code, out = run(app, "train", "--task", "intent", "--config", str(config), "--json")
+def test_train_then_list_adapters(cli_app: typer.Typer, config: Path) -> None:
+    code, out = run(cli_app, "train", "--task", "intent", "--config", str(config), "--json")
     assert code == 0, out
     summary = last_json(out)
     assert isinstance(summary, dict)
@@ -122,22 +79,22 @@ def test_train_then_list_adapters(app: typer.Typer, config: Path) -> None:
     assert summary["eval_loss_after"] < summary["eval_loss_before"]
     assert Path(summary["path"], "adapter_config.json").is_file()
 
-    code, out = run(app, "adapters", "list", "--config", str(config), "--json")
+    code, out = run(cli_app, "adapters", "list", "--config", str(config), "--json")
     assert code == 0
     listed = last_json(out)
     assert isinstance(listed, list) and [a["name"] for a in listed] == ["intent@v1"]
 
-    code, out = run(app, "adapters", "list", "--config", str(config))
+    code, out = run(cli_app, "adapters", "list", "--config", str(config))
     assert code == 0 and "intent@v1" in out
 
 
-def test_train_without_data_exits_1(app: typer.Typer, config: Path) -> None:
-    code, out = run(app, "train", "--task", "nothing-recorded", "--config", str(config), "--json")
+def test_train_without_data_exits_1(cli_app: typer.Typer, config: Path) -> None:
+    code, out = run(cli_app, "train", "--task", "nothing-recorded", "--config", str(config), "--json")
     assert code == 1
     result = last_json(out)
     assert isinstance(result, dict) and result["status"] == "failed"
 
 
-def test_student_serve_rejects_a_malformed_lora_option(app: typer.Typer, tiny_model: Path) -> None:
-    code, _ = run(app, "student", "serve", "--base-model", str(tiny_model), "--lora", "no-equals-sign")
+def test_student_serve_rejects_a_malformed_lora_option(cli_app: typer.Typer, tiny_model: Path) -> None:
+    code, _ = run(cli_app, "student", "serve", "--base-model", str(tiny_model), "--lora", "no-equals-sign")
     assert code == 2

@@ -3,19 +3,15 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import typer
-import yaml
 from sqlmodel import select
-from typer.testing import CliRunner
 
 from gateway.store.db import Database
 from gateway.store.models import Adapter, DatasetSnapshot
-from tests.trainer.conftest import add_records, intent_records, weather_records
-from trainer.cli import register
+from tests.trainer.conftest import cli_config, last_json, run
 from trainer.dataset import snapshot_examples
 from trainer.distributed import NO_MULTICAST, Torchrun, World
 from trainer.finetune import FinetuneConfig, finetune
@@ -36,40 +32,16 @@ TRAIN = {
 
 @pytest.fixture
 def config(tmp_path: Path, tiny_model: Path) -> Path:
-    db_url = f"sqlite:///{tmp_path / 'distillgate.db'}"
-    db = Database(db_url)
-    db.create_all()
-    add_records(db, intent_records("intent", 36) + weather_records("weather", 6))
-    db.dispose()
-    policy = {
-        "teacher": {"base_url": "http://teacher.invalid/v1"},
-        "student": {
-            "base_url": "http://student.invalid/v1",
-            "base_model": str(tiny_model),
-            "engine": "embedded",
-        },
-        "defaults": {"train": TRAIN},
-    }
-    (tmp_path / "policy.yaml").write_text(yaml.safe_dump(policy))
-    settings = {
-        "database_url": db_url,
-        "policy_file": "policy.yaml",
-        "adapters_dir": str(tmp_path / "adapters"),
-    }
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(settings))
-    return path
+    return cli_config(tmp_path, tiny_model, TRAIN, intents=36, weather=6)
 
 
-def test_two_ranks_train_the_curve_of_one(config: Path, tiny_model: Path, tmp_path: Path) -> None:
-    app = typer.Typer()
-    register(app)
+def test_two_ranks_train_the_curve_of_one(
+    cli_app: typer.Typer, config: Path, tiny_model: Path, tmp_path: Path
+) -> None:
     # --gpus 2 on a machine without GPUs: two CPU ranks over gloo, through torchrun.
-    outcome = CliRunner().invoke(
-        app, ["train", "--task", "intent", "--config", str(config), "--gpus", "2", "--json"]
-    )
-    assert outcome.exit_code == 0, outcome.stdout
-    summary = json.loads(outcome.stdout.strip().splitlines()[-1])
+    code, out = run(cli_app, "train", "--task", "intent", "--config", str(config), "--gpus", "2", "--json")
+    assert code == 0, out
+    summary = last_json(out)
     assert summary["status"] == "succeeded" and summary["adapter"] == "intent@v1"
 
     db = Database(f"sqlite:///{tmp_path / 'distillgate.db'}")

@@ -7,14 +7,19 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+import yaml
 from litestar import Litestar, Request, post
+from prometheus_client.parser import text_string_to_metric_families
 from sqlmodel import select
 
+from gateway.settings import Settings
 from gateway.store.db import Database
-from gateway.store.models import AnswerCheck, Record, Usage
+from gateway.store.models import AnswerCheck, Record, Task, Usage
+from gateway.worker import create_worker_app
 from router.policy import parse_policy
-from tests.servers import ServerThread, serve
+from tests.servers import ServerThread, serve, wait_until
 from tests.trainer.conftest import INTENTS, add_records, intent_records
 from trainer.dataset import DatasetOptions, build_snapshot, select_examples
 from trainer.evaluate import evaluate_adapter
@@ -150,6 +155,42 @@ def test_checks_count_against_the_budget_of_the_key_whose_answers_they_checked(
     # The gateway's limiter reads these counters back (gateway.limits): the budget sees the checks.
     assert sum(u.spend_usd for u in month) == pytest.approx(sum(r.cost_usd for r in ledger))
     assert sum(u.spend_usd for u in month) > 0
+
+
+def test_a_workers_checks_are_on_its_metrics_by_verdict(
+    checker: tuple[Checker, ServerThread], tmp_path: Path
+) -> None:
+    """``distillgate worker`` checks a collecting task's answers on its own and counts them in
+    ``distillgate_answer_checks_total`` (the dashboard's "Answer checks by verdict")."""
+    _, server = checker
+    db_url = f"sqlite:///{tmp_path / 'worker.db'}"
+    db = Database(db_url)
+    db.create_all()
+    records, wrong = wrong_on_a_share("intent", 20, every=4)
+    add_records(db, records)
+    with db.session() as session:
+        session.add(Task(key="intent"))
+        session.commit()
+    db.dispose()
+    policy = {
+        "teacher": {"base_url": "http://127.0.0.1:9/v1", "model": "teacher-large"},
+        "student": {"base_url": "http://student.invalid/v1", "base_model": "tiny"},  # 20 records: no training
+        "tasks": {"intent": {"validate": {"model": "checker-small", "base_url": server.url + "/v1"}}},
+    }
+    (tmp_path / "policy.yaml").write_text(yaml.safe_dump(policy))
+    settings = Settings(database_url=db_url, policy_file=tmp_path / "policy.yaml", scheduler_interval_s=0.2)
+    with serve(create_worker_app(settings)) as worker:
+
+        def checks() -> dict[str, float]:
+            text = httpx.get(worker.url + "/metrics", timeout=10).text
+            family = next(
+                f for f in text_string_to_metric_families(text) if f.name == "distillgate_answer_checks"
+            )
+            return {s.labels["verdict"]: s.value for s in family.samples if s.name.endswith("_total")}
+
+        wait_until(lambda: sum(checks().values()) >= 20, timeout_s=30)
+        counted = checks()
+    assert counted == {"passed": 20 - len(wrong), "failed": len(wrong)}
 
 
 def test_a_task_without_validate_is_not_checked(
