@@ -16,7 +16,7 @@ def test_the_bench_reports_agreement_per_configuration_and_size() -> None:
             sys.executable,
             str(ROOT / "bench" / "distill_value.py"),
             *("--sizes", "4,8", "--seeds", "1", "--held-out", "4", "--teacher-records", "24"),
-            *("--teacher-epochs", "2", "--teacher-rounds", "1", "--min-teacher-agreement", "0"),
+            *("--teacher-epochs", "20", "--teacher-rounds", "1", "--min-teacher-agreement", "0"),
             *("--pretrain-records", "40", "--pretrain-epochs", "1", "--min-passes", "16", "--json"),
         ],
         cwd=ROOT,
