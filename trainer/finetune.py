@@ -90,10 +90,12 @@ class FinetuneConfig:
     max_seq_len: int = _POLICY.max_seq_len
     packing: bool = True
     """Concatenate several examples per sequence (attention and labels stay per example)."""
-    share_prefix: bool = True
+    share_prefix: bool = False
     """CPU path, with ``packing``: lay out the tokens a sequence's examples begin with (template
     header, system prompt) once and let each example attend to them (``trainer.collate``): the
-    same losses and gradients as without, for a fraction of the tokens."""
+    same losses and gradients as without, for a fraction of the tokens. Off by default: more
+    examples then fit a sequence, so an epoch makes fewer optimizer steps and recipes tuned
+    without it under-train (the tiny-model tests did); not yet a policy field."""
     assistant_turns: AssistantTurns = "last"
     """Which assistant turns carry loss: ``last`` (the record's teacher answer) or ``all``."""
     eval_every: int = 0
