@@ -178,7 +178,8 @@ def train(
 
     if not examples:
         raise SystemExit(f"no usable answer to train {out.name} on")
-    values: dict[str, Any] = {"max_seq_len": 1024, "epochs": epochs}
+    # Shared-prefix packing on, as in the recorded runs (bench/results/distill_value_2core.txt).
+    values: dict[str, Any] = {"max_seq_len": 1024, "epochs": epochs, "share_prefix": True}
     if not args.base_model:
         values.update(method="full", learning_rate=args.learning_rate, batch_tokens=512, max_seq_len=512)
     values.update(overrides)
