@@ -14,7 +14,7 @@ import json
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -31,6 +31,7 @@ from trainer.collate import (
     pack,
     tokenize_example,
 )
+from trainer.cpu_share import CpuShare
 from trainer.distributed import World, all_sum, data_parallel, from_main, no_sync, process_group
 from trainer.fast_path import FastPath, make_optimizer, prepare_model
 from trainer.kd import AlignStats, token_mapper
@@ -52,6 +53,8 @@ POLICY_FIELDS = (
     "lora_alpha",
     "lora_dropout",
     "lora_targets",
+    "share_prefix",
+    "cpu_threads",
 )
 """Hyper-parameters a task's ``train`` policy sets: declared (and documented) once, in
 ``router.policy.TrainPolicy``, whose defaults are also ``FinetuneConfig``'s."""
@@ -90,12 +93,15 @@ class FinetuneConfig:
     max_seq_len: int = _POLICY.max_seq_len
     packing: bool = True
     """Concatenate several examples per sequence (attention and labels stay per example)."""
-    share_prefix: bool = False
-    """CPU path, with ``packing``: lay out the tokens a sequence's examples begin with (template
-    header, system prompt) once and let each example attend to them (``trainer.collate``): the
-    same losses and gradients as without, for a fraction of the tokens. Off by default: more
-    examples then fit a sequence, so an epoch makes fewer optimizer steps and recipes tuned
-    without it under-train (the tiny-model tests did); not yet a policy field."""
+    share_prefix: bool = _POLICY.share_prefix
+    """Policy ``train.share_prefix``. CPU path, with ``packing``: lay out the tokens a sequence's
+    examples begin with (template header, system prompt) once and let each example attend to them
+    (``trainer.collate``): the same losses and gradients as without, for a fraction of the
+    tokens. Off by default: more examples then fit a sequence, so an epoch makes fewer optimizer
+    steps and recipes tuned without it under-train (the tiny-model tests did)."""
+    cpu_threads: int | Literal["auto"] | None = _POLICY.cpu_threads
+    """Policy ``train.cpu_threads``: torch threads of a CPU run (None: the process's count;
+    ``auto``: the cores other processes leave free, checked between steps, ``trainer.cpu_share``)."""
     assistant_turns: AssistantTurns = "last"
     """Which assistant turns carry loss: ``last`` (the record's teacher answer) or ``all``."""
     eval_every: int = 0
@@ -107,8 +113,8 @@ class FinetuneConfig:
     seed: int = 0
     """Seeds python, torch and the data order: same data, config and hardware give the same weights."""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
-    """``auto``: bf16 autocast (LoRA bases loaded in bf16) on a GPU that supports it, fp32
-    otherwise (CPU autocast measured far slower, see ``use_bf16``); ``bf16`` forces it."""
+    """``auto``: bf16 autocast (LoRA bases loaded in bf16) where it pays, on a GPU that supports it
+    or a CPU with native bf16 matmuls (``use_bf16`` has the numbers); ``bf16`` / ``fp32`` force it."""
     device: str = "auto"
     """``auto`` (CUDA if available, else CPU), ``cpu``, ``cuda``, ``cuda:1`` …"""
     gradient_checkpointing: bool = False
@@ -231,18 +237,43 @@ def pick_device(requested: str = "auto") -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def use_bf16(precision: str, device: str) -> bool:
-    """bf16 autocast on a GPU that supports it; on CPU only when asked (``precision: bf16``), as
-    before. One CPU run with bf16 autocast (SmolLM2-135M LoRA, AVX512-BF16, a heavily loaded
-    machine) trained at 5 tokens/s; until ``bench/student_recipe.py --speed`` compares the two in
-    like conditions, the CPU path keeps fp32."""
+CPU_BF16_MIN_HIDDEN = 512
+"""Hidden width from which bf16 pays on a CPU with native bf16 matmuls: below it, casts cost more
+than the matmuls save (the tiny test models are 64 wide)."""
+
+
+def cpu_has_bf16() -> bool:
+    """Native bf16 matmuls on this CPU (AMX tiles or AVX512-BF16), as oneDNN uses them."""
+    import torch
+
+    cpu = getattr(torch, "cpu", None)
+    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        check = getattr(cpu, probe, None)
+        if check is not None and check():
+            return True
+    return False
+
+
+def use_bf16(precision: str, device: str, hidden_size: int | None = None, method: str = "lora") -> bool:
+    """bf16 autocast (LoRA bases loaded in bf16) where it pays: on a GPU that supports it, and on
+    a CPU with native bf16 matmuls for a LoRA run on a model at least ``CPU_BF16_MIN_HIDDEN``
+    wide. Measured (SmolLM2-135M LoRA, classify-email, 512-token micro-batches, 2 threads, quiet
+    2-core Xeon with AMX): fp32 166-168 tokens/s, bf16 236-262 (1.5x), peak 2.6 -> 1.8 GB
+    (``bench/student_recipe.py --speed``). ``bf16`` / ``fp32`` force either."""
     import torch
 
     if precision == "bf16":
         return True
     if precision == "fp32":
         return False
-    return device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.startswith("cuda"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return (
+        device.startswith("cpu")
+        and method == "lora"
+        and (hidden_size or 0) >= CPU_BF16_MIN_HIDDEN
+        and cpu_has_bf16()
+    )
 
 
 def finetune(
@@ -263,8 +294,31 @@ def finetune(
     config = config or FinetuneConfig()
     world = World.from_env()
     device = world.device(pick_device(config.device))
-    with process_group(world, device):
-        return _finetune(base_model, train_examples, eval_examples, out_dir, config, progress, world, device)
+    with (
+        process_group(world, device),
+        _cpu_threads(config.cpu_threads if device.startswith("cpu") else None) as share,
+    ):
+        return _finetune(
+            base_model, train_examples, eval_examples, out_dir, config, progress, world, device, share
+        )
+
+
+@contextlib.contextmanager
+def _cpu_threads(threads: int | Literal["auto"] | None) -> Generator[CpuShare | None, None, None]:
+    """Torch's intra-op threads set to ``threads`` for the run (and back after it); ``auto``
+    yields the ``CpuShare`` that moves them between steps."""
+    if not threads:
+        yield None
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    share = CpuShare() if threads == "auto" else None
+    torch.set_num_threads(share.threads if share is not None else int(threads))
+    try:
+        yield share
+    finally:
+        torch.set_num_threads(before)
 
 
 def _finetune(
@@ -276,6 +330,7 @@ def _finetune(
     progress: bool | ProgressCallback,
     world: World,
     device: str,
+    share: CpuShare | None = None,
 ) -> FinetuneResult:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -284,7 +339,7 @@ def _finetune(
     _seed_everything(config.seed)
     base = resolve_base_model(base_model)
     model_config = AutoConfig.from_pretrained(base.path)
-    bf16 = use_bf16(config.precision, device)
+    bf16 = use_bf16(config.precision, device, getattr(model_config, "hidden_size", None), config.method)
     fast = fast_finetune.applies(config, device, bf16)
     tokenizer = AutoTokenizer.from_pretrained(base.path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -436,6 +491,8 @@ def _finetune(
                 result.tokens += sum(source.tokens(u) for u in group)
                 result.trained_tokens += n_labels
                 result.train_losses.append((step, train_loss))
+                if share is not None:
+                    share.pick()
                 if step == WARMUP_STEPS:
                     result.warmup_s, result.warmup_tokens = train_time, result.tokens
 

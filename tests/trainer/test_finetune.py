@@ -6,13 +6,21 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from router.policy import TrainPolicy
 from tests.trainer.conftest import intent_records, weather_records
 from trainer.dataset import DatasetOptions, Example, select_examples
-from trainer.finetune import FinetuneConfig, FinetuneProgress, finetune
+from trainer.finetune import (
+    CPU_BF16_MIN_HIDDEN,
+    FinetuneConfig,
+    FinetuneProgress,
+    cpu_has_bf16,
+    finetune,
+    use_bf16,
+)
 
 
 @pytest.fixture(scope="module")
@@ -133,3 +141,56 @@ def test_config_from_policy_takes_the_train_section() -> None:
         cfg.lora_rank,
         cfg.seed,
     ) == ("full", 2, 1e-4, 1024, 256, 32, 3)
+
+
+def test_policy_sets_shared_prefixes_and_cpu_threads() -> None:
+    cfg = FinetuneConfig.from_policy(TrainPolicy(share_prefix=True, cpu_threads=1))
+    assert (cfg.share_prefix, cfg.cpu_threads) == (True, 1)
+    default = FinetuneConfig.from_policy(TrainPolicy())
+    assert (default.share_prefix, default.cpu_threads) == (False, None)
+    with pytest.raises(ValueError):
+        TrainPolicy(cpu_threads=0)
+
+
+def test_cpu_threads_hold_for_the_run_and_are_given_back(
+    tiny_model: Path, split: tuple[list[Example], list[Example]], tmp_path: Path
+) -> None:
+    train, holdout = split
+    before = torch.get_num_threads()
+    seen: list[int] = []
+    finetune(
+        tiny_model,
+        train[:8],
+        holdout[:2],
+        tmp_path / "threads",
+        config("lora", max_steps=2, cpu_threads=1),
+        progress=lambda _: seen.append(torch.get_num_threads()),
+    )
+    assert seen == [1, 1]
+    assert torch.get_num_threads() == before
+
+
+def test_precision_auto_is_bf16_only_where_it_pays() -> None:
+    # forced either way
+    assert use_bf16("bf16", "cpu", 64) and not use_bf16("fp32", "cuda", 4096)
+    # CPU: never for models narrower than the measured break-even, nor for full fine-tunes
+    assert not use_bf16("auto", "cpu", CPU_BF16_MIN_HIDDEN - 1)
+    assert not use_bf16("auto", "cpu", None)
+    assert not use_bf16("auto", "cpu", 4096, method="full")
+    # a LoRA run on a real-width model follows the CPU's native bf16 support
+    assert use_bf16("auto", "cpu", 576) == cpu_has_bf16()
+
+
+def test_a_tiny_model_trains_in_fp32_on_cpu_by_default(
+    tiny_model: Path, split: tuple[list[Example], list[Example]], tmp_path: Path
+) -> None:
+    train, holdout = split
+    result = finetune(tiny_model, train[:8], holdout[:2], tmp_path / "p", config("lora", max_steps=1))
+    assert result.precision == "fp32"
+    forced = finetune(
+        tiny_model, train[:8], holdout[:2], tmp_path / "b", config("lora", max_steps=2, precision="bf16")
+    )
+    assert forced.precision == "bf16" and forced.eval_loss_after is not None
+    with safe_open(tmp_path / "b" / "adapter_model.safetensors", "pt") as weights:
+        names = list(weights.keys())
+        assert names and all(weights.get_tensor(k).dtype == torch.float32 for k in names)
