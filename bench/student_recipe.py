@@ -5,12 +5,16 @@ same records with main's ``trainer.finetune`` as it was before the token-budget 
 (``git show <ref>:trainer/finetune.py``, one packed sequence per micro-batch) and with today's,
 on the tiny test model and on SmolLM2, side by side.
 
-Records: the reference workload's email-classification family (demo/workload.py), answers as
-its teacher gives them; agreement is exact match on fresh prompts never trained on. Every
-configuration runs in a fresh process (peak RSS is its own).
+Records: a reference workload family (demo/workload.py, ``--family``; email classification by
+default), answers as its teacher gives them; agreement is the family's promotion scorer (exact
+match for labels, ``json_fields`` for JSON) on fresh prompts never trained on: the pass rate at
+the gate's ``pass_score`` and the mean score. Every configuration runs in a fresh process (peak
+RSS is its own). ``demo`` is the offline demo's recipe for the family (``demo/recipe.py``: its
+train defaults, the family's overrides and its record count, which replaces ``--records``).
 
     python bench/student_recipe.py                          # the default policy and lr 2e-4/1 epoch
     python bench/student_recipe.py --configs default,lr2e-4x1,lr1e-3x1 --records 300 --fresh 60
+    python bench/student_recipe.py --configs demo,demo-fp32 --family extract-ade   # bf16 vs fp32
     python bench/student_recipe.py --speed --steps 6        # main's finetune vs this one, tok/s
 """
 
@@ -38,18 +42,46 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "dropout0.05": {"lora_dropout": 0.05},
     "rank8": {"lora_rank": 8, "lora_alpha": 16},
     "tokens2048": {"batch_tokens": 2048},
+    "fp32": {"precision": "fp32"},
+    "threads1": {"cpu_threads": 1},
+    "shared": {"share_prefix": True},
+    "unshared512": {"share_prefix": False, "batch_tokens": 512, "max_seq_len": 512},
+    "threads2": {"cpu_threads": 2},
+    "steps12": {"max_steps": 12},
+    "tokens512": {"batch_tokens": 512, "max_seq_len": 512},
 }
-"""Overrides of the default train policy, by name."""
+"""Overrides of the default train policy, by name; ``demo`` (and ``demo-<override>``, e.g.
+``demo-fp32``, ``demo-fp32+threads2``) start from the demo's recipe for the family instead."""
 
 
-def examples(n: int, seed: int) -> list[Any]:
-    from demo.workload import CLASSIFY_EMAIL
+def _overrides(names: str) -> dict[str, Any]:
+    """``a+b``: the overrides of ``a`` and then ``b``."""
+    out: dict[str, Any] = {}
+    for name in filter(None, names.split("+")):
+        out |= CONFIGS[name]
+    return out
+
+
+def demo_train_policy(family: str) -> dict[str, Any]:
+    """The demo's ``train`` section for ``family``: defaults merged with the family's overrides."""
+    from demo.recipe import demo_recipe
+
+    recipe = demo_recipe()
+    return {
+        **recipe.policy_defaults["train"],
+        **recipe.task_policies.get(family, {}).get("train", {}),
+    }
+
+
+def examples(n: int, seed: int, family: str = "classify-email") -> list[Any]:
+    from demo import workload
     from trainer.dataset import Example
 
+    task = workload.family(family)
     out = []
-    for k, text in enumerate(CLASSIFY_EMAIL.inputs(seed, n)):
-        body = CLASSIFY_EMAIL.request_for(text)
-        answer = CLASSIFY_EMAIL.answer(body)
+    for k, text in enumerate(task.inputs(seed, n)):
+        body = task.request_for(text)
+        answer = task.answer(body)
         out.append(Example(f"r{seed}-{k}", [*body["messages"], answer], None, f"k{seed}-{k}", body))
     return out
 
@@ -59,21 +91,40 @@ def recipe_child(spec: dict[str, Any]) -> dict[str, Any]:
 
     import torch
 
-    from router.policy import TrainPolicy
+    from demo import workload
+    from router.policy import PromotePolicy, TrainPolicy
     from trainer.evaluate import evaluate_adapter
     from trainer.finetune import FinetuneConfig, finetune
 
     torch.set_num_threads(spec["threads"])
-    policy = TrainPolicy()
-    train = examples(spec["records"], seed=1)
+    name, records = spec["config"], spec["records"]
+    if name.startswith("demo"):
+        policy = TrainPolicy(**demo_train_policy(spec["family"]))
+        records = policy.max_records
+        overrides = _overrides(name.removeprefix("demo").lstrip("-+"))
+    else:
+        policy, overrides = TrainPolicy(), _overrides(name)
+    family = workload.family(spec["family"])
+    train = examples(records, seed=1, family=family.name)
     held_out = train[: max(1, round(len(train) * policy.holdout))]
-    fresh = examples(spec["fresh"], seed=2)
-    config = FinetuneConfig.from_policy(policy, **CONFIGS[spec["config"]])
+    fresh = examples(spec["fresh"], seed=2, family=family.name)
+    config = FinetuneConfig.from_policy(policy, **overrides)
+    pass_score = PromotePolicy().pass_score  # what the gate counts as a passing pair (exact: 0 or 1)
     with tempfile.TemporaryDirectory() as out:
         result = finetune(spec["model"], train[len(held_out) :], held_out, out, config)
-        scored = evaluate_adapter(spec["model"], out, fresh, scorer="exact", max_tokens=8)
+        scored = evaluate_adapter(
+            spec["model"],
+            out,
+            fresh,
+            scorer=family.scorer,
+            pass_score=pass_score,
+            max_tokens=family.max_tokens,
+        )
     return {
         "agreement": scored.pass_rate,
+        "mean_score": scored.agreement,
+        "records": records,
+        "precision": result.precision,
         "train_s": result.train_s,
         "tokens_per_s": result.tokens_per_s,
         "steps": result.steps,
@@ -158,6 +209,7 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=300)
     parser.add_argument("--fresh", type=int, default=60, help="fresh prompts scored for agreement")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--family", default="classify-email", help="a reference family (demo/workload.py)")
     parser.add_argument("--speed", action="store_true", help="main's finetune vs this one, tokens/s")
     parser.add_argument("--ref", default="84e0da9", help="the commit whose finetune is 'before'")
     parser.add_argument("--steps", type=int, default=6)
@@ -200,10 +252,12 @@ def main() -> None:
             )
         return
     print(
-        f"SmolLM2-135M LoRA, {args.records} records (10% held out), {args.fresh} fresh prompts, {args.threads} threads"
+        f"SmolLM2-135M LoRA, {args.family}, {args.records} records (demo: its own count; policy holdout),"
+        f" {args.fresh} fresh prompts, {args.threads} threads"
     )
     print(
-        f"{'settings':>12} {'agreement':>9} {'train s':>8} {'tok/s':>6} {'steps':>5} {'peak GB':>7} {'held-out loss':>15}"
+        f"{'settings':>12} {'records':>7} {'precision':>9} {'pass rate':>9} {'mean':>5} {'train s':>8} {'tok/s':>6}"
+        f" {'steps':>5} {'peak GB':>7} {'held-out loss':>15}"
     )
     for name in args.configs.split(","):
         r = run_child(
@@ -214,11 +268,13 @@ def main() -> None:
                 "records": args.records,
                 "fresh": args.fresh,
                 "threads": args.threads,
+                "family": args.family,
             },
         )
         before, after = r["eval_loss"]
         print(
-            f"{name:>12} {r['agreement']:>9.2f} {r['train_s']:>8.0f} {r['tokens_per_s']:>6.0f} {r['steps']:>5}"
+            f"{name:>12} {r['records']:>7} {r['precision']:>9} {r['agreement']:>9.2f} {r['mean_score']:>5.2f}"
+            f" {r['train_s']:>8.0f} {r['tokens_per_s']:>6.0f} {r['steps']:>5}"
             f" {r['peak_gb']:>7.2f} {before:>7.3f}→{after:.3f}"
         )
 
