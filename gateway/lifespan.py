@@ -154,7 +154,13 @@ def training_scheduler(settings: Settings) -> SchedulerFactory | None:
         return None
 
     def build(db: Database, policy: PolicyReader) -> Scheduler:
-        return Scheduler(db, policy, settings.adapters_dir, interval_s=settings.scheduler_interval_s)
+        return Scheduler(
+            db,
+            policy,
+            settings.adapters_dir,
+            interval_s=settings.scheduler_interval_s,
+            parallel=settings.scheduler_parallel,
+        )
 
     return build
 

@@ -144,6 +144,10 @@ class Settings(BaseSettings):
     separate ``distillgate worker`` does it."""
     scheduler_interval_s: float = 10.0
     """How often the scheduler looks for tasks due to train."""
+    scheduler_parallel: int = Field(1, ge=1)
+    """Tasks trained at once, each in its own process (``trainer.scheduler.Scheduler.parallel``):
+    more than one where trainings are CPU-bound on a machine with cores to spare (with
+    ``train.cpu_threads: auto`` each takes the cores the others leave), or several GPUs."""
     worker_port: int = 9100
     """``distillgate worker`` serves ``/metrics`` and ``/healthz`` here."""
     migrate_on_start: bool = True

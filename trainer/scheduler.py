@@ -11,6 +11,7 @@ the holder dies.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import os
 import socket
@@ -180,6 +181,7 @@ class Scheduler:
         finetune_overrides: dict[str, Any] | None = None,
         progress: bool | Callable[[Any], None] = False,
         isolate: bool = True,
+        parallel: int = 1,
     ) -> None:
         self.db = db
         self.policy = policy
@@ -201,6 +203,20 @@ class Scheduler:
         """Called after each pass of answer checks (the gateway counts them in its metrics)."""
         self._task: asyncio.Task[None] | None = None
         self._busy = threading.Lock()
+        if parallel < 1:
+            raise ValueError(f"parallel must be at least 1, not {parallel}")
+        self.parallel = parallel
+        """Trainings at once. 1: a pass trains each due task in turn and returns when done. More:
+        a pass starts due tasks in background threads while fewer than ``parallel`` run and
+        returns at once; their events come from a later pass (and ``on_event``). Each training
+        is its own child process; on a CPU machine with ``train.cpu_threads: auto`` two
+        single-thread trainings use two cores better than one two-thread training."""
+        self._running: dict[str, concurrent.futures.Future[SchedulerEvent]] = {}
+        self._pool = (
+            concurrent.futures.ThreadPoolExecutor(parallel, thread_name_prefix="distillgate-train")
+            if parallel > 1
+            else None
+        )
 
     # -- the loop ----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -215,6 +231,10 @@ class Scheduler:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
+        if self._pool is not None:
+            for runner in list(self._runners):  # started after the first kill
+                runner.kill()
+            await asyncio.to_thread(self._pool.shutdown, wait=True, cancel_futures=True)
 
     async def _loop(self) -> None:
         while True:
@@ -230,9 +250,9 @@ class Scheduler:
         if policy is None or policy.student is None:
             return []
         with self._busy:
+            events = self._finished()
             with self.db.session() as session:
                 tasks = session.exec(select(Task)).all()
-            events = []
             for task in tasks:
                 if task.stage == Stage.rolled_back:
                     self._move(
@@ -267,9 +287,31 @@ class Scheduler:
                     ),
                     now,
                 )
-                if reason is not None:
+                if reason is None:
+                    continue
+                if self._pool is None:
                     events.append(self.run_task(task.key, reason))
+                elif len(self._running) < self.parallel and task.key not in self._running:
+                    self._running[task.key] = self._pool.submit(self.run_task, task.key, reason)
             return events
+
+    def _finished(self) -> list[SchedulerEvent]:
+        """Events of the background trainings that ended since the last pass."""
+        events = []
+        for key, future in list(self._running.items()):
+            if future.done():
+                del self._running[key]
+                if not future.cancelled() and future.exception() is None:
+                    events.append(future.result())
+                elif not future.cancelled():
+                    log.error("training %s failed outside its run", key, exc_info=future.exception())
+        return events
+
+    def wait(self, timeout_s: float | None = None) -> list[SchedulerEvent]:
+        """Wait for the background trainings started so far (``parallel`` > 1); their events."""
+        concurrent.futures.wait(list(self._running.values()), timeout=timeout_s)
+        with self._busy:
+            return self._finished()
 
     def check_answers(self, policy: Policy, key: str, limit: int = 200) -> CheckCounts | None:
         """Score the task's unchecked teacher answers (its ``validate`` section), so failed ones

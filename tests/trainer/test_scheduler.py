@@ -18,7 +18,7 @@ from gateway.store.models import Stage, Task, TaskTransition, TrainingLock, utcn
 from router.policy import Policy, parse_policy
 from tests.conftest import RunningGateway
 from tests.servers import ServerThread
-from tests.trainer.conftest import INTENT_SYSTEM, intent_email
+from tests.trainer.conftest import INTENT_SYSTEM, add_records, intent_email, intent_records
 from tests.trainer.test_end_to_end import TASK, intent_teacher, send_traffic
 from trainer.scheduler import Scheduler, TrainingLease, due_reason
 
@@ -265,3 +265,46 @@ def send_traffic_unchecked(gateway: RunningGateway, n: int) -> None:
             temperature=0,
         )
     gateway.flush()
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_parallel_trainings_run_at_once_and_report_from_a_later_pass(
+    database_url: str,
+    teacher: tuple[ScriptedTeacher, ServerThread],
+    student: ServerThread,
+    tiny_model: Path,
+    tmp_path: Path,
+) -> None:
+    db = Database(database_url)
+    db.migrate()
+    keys = ("intent-a", "intent-b")
+    with db.session() as session:
+        session.add_all([Task(key=key) for key in keys])
+        session.commit()
+    for seed, key in enumerate(keys):
+        add_records(db, intent_records(key, 160, seed=seed))
+    policy = loop_policy(teacher[1].url, student.url, tiny_model)
+    scheduler = Scheduler(db, lambda: policy, tmp_path / "adapters", parallel=2)
+    moves: list[tuple[str, str]] = []
+    scheduler.on_task.append(lambda task: moves.append((task.key, task.stage)))
+    try:
+        assert scheduler.tick() == []  # both started, neither waited for
+        assert set(scheduler._running) == set(keys)
+        assert scheduler.tick() == []  # running tasks are not started again
+        events = scheduler.wait(600)
+    finally:
+        scheduler._pool.shutdown(wait=True)  # type: ignore[union-attr]
+    assert sorted(e.task for e in events) == sorted(keys)
+    assert all(e.outcome == "shadow" for e in events), [e.reason for e in events]
+    # Both were training before either was judged: the runs overlapped.
+    first_judged = next(i for i, (_, stage) in enumerate(moves) if stage != Stage.training.value)
+    assert {key for key, stage in moves[:first_judged] if stage == Stage.training.value} == set(keys)
+    with db.session() as session:
+        assert all(session.get(Task, key).stage == Stage.shadow.value for key in keys)  # type: ignore[union-attr]
+    assert scheduler.tick() == []
+    db.dispose()
+
+
+def test_parallel_must_be_positive(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        Scheduler(None, lambda: None, tmp_path, parallel=0)  # type: ignore[arg-type]
