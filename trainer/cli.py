@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 from rich.console import Console
@@ -246,7 +246,11 @@ def student_serve(
     max_lora_rank: Annotated[int, typer.Option(help="Largest LoRA rank accepted.")] = 64,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda …")] = "auto",
     threads: Annotated[
-        int | None, typer.Option(min=1, help="CPU threads for torch (default: torch's own choice).")
+        str | None,
+        typer.Option(
+            help="CPU threads for torch: a count, or auto (the cores other processes leave, checked"
+            " once a second; default: torch's own choice)."
+        ),
     ] = None,
     max_batch: Annotated[
         int, typer.Option(min=1, help="Most sequences decoded together; more requests wait their turn.")
@@ -260,10 +264,16 @@ def student_serve(
 
     from trainer.student_server import create_student_app
 
+    decode_threads: int | Literal["auto"] | None = None
     if threads is not None:
-        import torch
+        if threads != "auto" and not (threads.isdigit() and int(threads) >= 1):
+            console.print(f"[red]--threads expects a count of at least 1 or auto, got {threads!r}[/red]")
+            raise typer.Exit(2)
+        decode_threads = "auto" if threads == "auto" else int(threads)
+        if decode_threads != "auto":
+            import torch
 
-        torch.set_num_threads(threads)
+            torch.set_num_threads(decode_threads)
 
     adapters: dict[str, str] = {}
     for item in lora or []:
@@ -281,5 +291,6 @@ def student_serve(
         max_lora_rank=max_lora_rank,
         max_batch=max_batch,
         prefix_caching=prefix_caching,
+        threads=decode_threads,
     )
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)

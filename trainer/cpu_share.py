@@ -9,6 +9,9 @@ traffic comes and goes, so between optimizer steps this looks at how much CPU th
 used during the last step (``/proc/stat`` less this process's own time) and trains on the cores
 they left: all of them while the rest of the machine is idle, one fewer per core kept busy.
 
+The embedded student server does the same between decode steps (``distillgate student serve
+--threads auto``): it answers on both cores while no training runs, on one while one does.
+
 Thread counts only change between steps, so a step's arithmetic never mixes them; runs that must
 repeat bit for bit keep a fixed count (the default).
 """
@@ -53,8 +56,11 @@ def own_cpu_s() -> float:
 class CpuShare:
     """Picks the thread count for the next optimizer step from the cores others used in the last."""
 
-    def __init__(self, cores: int | None = None) -> None:
+    def __init__(self, cores: int | None = None, *, min_interval_s: float = 0.0) -> None:
         self.cores = max(1, cores or len(os.sched_getaffinity(0)))
+        self.min_interval_s = min_interval_s
+        """``pick`` keeps the count until this long since its last look (a decode step is ~50 ms:
+        too short to tell another process's load from noise)."""
         self.threads = self.cores
         self.changes = 0
         self._last = self._sample()
@@ -79,6 +85,8 @@ class CpuShare:
 
     def pick(self) -> int:
         """The threads for the next step (and sets torch's count to it when it changes)."""
+        if self.min_interval_s and time.monotonic() - self._last[0] < self.min_interval_s:
+            return self.threads
         others = self.others_cores()
         if others is None:
             return self.threads

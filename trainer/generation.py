@@ -22,10 +22,11 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from trainer.base_model import resolve_base_model
 from trainer.chat_format import IM_END, TOOL_CALL_OPEN, ParsedAnswer, parse_tool_calls, template_messages
+from trainer.cpu_share import CpuShare
 
 
 class GenerationError(Exception):
@@ -141,7 +142,11 @@ class StudentModels:
         max_model_len: int | None = None,
         max_batch: int = 32,
         prefix_caching: bool = True,
+        threads: int | Literal["auto"] | None = None,
     ) -> None:
+        """``threads``: torch threads of the decode loop on a CPU (None: the process's count;
+        ``auto``: the cores other processes leave, checked at most once a second,
+        ``trainer.cpu_share``)."""
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -159,7 +164,11 @@ class StudentModels:
         self._peft: Any = None
         self.adapters: dict[str, _Entry] = {}
         self.max_model_len = max_model_len or int(getattr(self._base.config, "max_position_embeddings", 2048))
-        self.loop = DecodeLoop(self, max_batch=max_batch, prefix_caching=prefix_caching)
+        share = None
+        if not self.device.startswith("cuda") and threads is not None:
+            share = CpuShare(min_interval_s=1.0) if threads == "auto" else CpuShare(cores=int(threads))
+            share.min_interval_s = share.min_interval_s or float("inf")  # a fixed count never moves
+        self.loop = DecodeLoop(self, max_batch=max_batch, prefix_caching=prefix_caching, cpu_share=share)
 
     @property
     def stats(self) -> GenerationStats:
@@ -554,8 +563,17 @@ class DecodeLoop:
     that request; a batched forward that raises fails the requests of that batch; the loop goes on.
     """
 
-    def __init__(self, models: StudentModels, *, max_batch: int = 32, prefix_caching: bool = True) -> None:
+    def __init__(
+        self,
+        models: StudentModels,
+        *,
+        max_batch: int = 32,
+        prefix_caching: bool = True,
+        cpu_share: CpuShare | None = None,
+    ) -> None:
         self.models = models
+        self.cpu_share = cpu_share
+        """Moves the loop's torch threads to the cores other processes leave (``threads="auto"``)."""
         self.max_batch = max_batch
         """Most sequences decoding at once (all models together); more wait their turn."""
         self.stats = GenerationStats()
@@ -608,8 +626,12 @@ class DecodeLoop:
     def _run(self) -> None:
         import torch
 
+        if self.cpu_share is not None:
+            torch.set_num_threads(self.cpu_share.threads)  # this thread runs the ops
         with torch.inference_mode():
             while True:
+                if self.cpu_share is not None:
+                    self.cpu_share.pick()
                 with self._wake:
                     while not self._closed and not self._batches and not self._waiting:
                         self._wake.wait()

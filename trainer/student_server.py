@@ -29,7 +29,7 @@ import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from litestar import Litestar, Request, Response, get, post
 from litestar.exceptions import HTTPException
@@ -475,11 +475,12 @@ def create_student_app(
     max_model_len: int | None = None,
     max_batch: int = 32,
     prefix_caching: bool = True,
+    threads: int | Literal["auto"] | None = None,
 ) -> Litestar:
     """The student server for ``base_model`` (hub id, local path, or already loaded ``StudentModels``).
 
     ``adapters`` (name → path) are loaded at once, like vLLM's ``--lora-modules``; ``api_key``
-    guards ``/v1`` routes like vLLM's ``--api-key``.
+    guards ``/v1`` routes like vLLM's ``--api-key``; ``threads`` as ``StudentModels`` takes it.
     """
     models = (
         base_model
@@ -492,6 +493,7 @@ def create_student_app(
             max_model_len=max_model_len,
             max_batch=max_batch,
             prefix_caching=prefix_caching,
+            threads=threads,
         )
     )
     for name, path in (adapters or {}).items():
