@@ -98,3 +98,9 @@ def test_train_without_data_exits_1(cli_app: typer.Typer, config: Path) -> None:
 def test_student_serve_rejects_a_malformed_lora_option(cli_app: typer.Typer, tiny_model: Path) -> None:
     code, _ = run(cli_app, "student", "serve", "--base-model", str(tiny_model), "--lora", "no-equals-sign")
     assert code == 2
+
+
+def test_student_serve_rejects_a_bad_threads_option(cli_app: typer.Typer, tiny_model: Path) -> None:
+    for bad in ("0", "two", "-1"):
+        code, output = run(cli_app, "student", "serve", "--base-model", str(tiny_model), "--threads", bad)
+        assert code == 2, (bad, output)
