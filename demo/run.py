@@ -217,10 +217,12 @@ class TaskView:
 
     @property
     def wants_traffic(self) -> bool:
-        """Still collecting its first records, or earning (or keeping) live evidence."""
+        """Still collecting its first records, or earning live evidence (shadow, canary). A task
+        that trains or already serves gets none until the measured round: the cores go to the
+        training of the others (a serving task's answers would keep the student server busy)."""
         if self.stage == Stage.collecting:
             return self.adapter is None and self.records < self.needed and not self.judged
-        return self.stage != Stage.training
+        return self.stage in (Stage.shadow, Stage.canary)
 
     @property
     def progress(self) -> str:
@@ -341,7 +343,7 @@ def run_demo(
         state.phase = "starting the student server"
         console.print(f"[demo] {state.phase} ({base.path})", soft_wrap=True, highlight=False, markup=False)
         student_port = free_port()
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "DISTILLGATE_TORCH_THREADS": "1"}
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
         student_log = open(workdir / "student.log", "wb")  # noqa: SIM115 (closed with the process)
         student_proc = subprocess.Popen(
             [
@@ -356,6 +358,10 @@ def run_demo(
                 str(student_port),
                 "--device",
                 "cpu",
+                # Both cores while no training runs (the gates and the measured round at the end),
+                # one while one does (trainer/cpu_share.py).
+                "--threads",
+                "auto",
             ],
             env=env,
             stdout=subprocess.DEVNULL,
@@ -375,7 +381,9 @@ def run_demo(
 
         def scheduler(db: Database, policy: Callable[[], Policy | None]) -> Scheduler:
             """The demo's scheduler passes often, and shows what each pass did."""
-            trainer = Scheduler(db, policy, settings.adapters_dir, interval_s=2.0)
+            trainer = Scheduler(
+                db, policy, settings.adapters_dir, interval_s=2.0, parallel=recipe.parallel_trainings
+            )
             trainer.on_event.append(
                 lambda e: state.events.append(f"{_family_name(e.task)}: {e.outcome} — {e.reason}")
             )
@@ -547,6 +555,11 @@ def _offline(db: Any, task: Task) -> dict[str, Any]:
             "train_s": number(metrics.get("train_s")),
             "tokens_per_s": number(metrics.get("tokens_per_s")),
             "eval_s": number(evaluation.get("eval_s")),
+            # The training process's peak resident memory (CPU runs).
+            "peak_rss_mb": round(metrics["peak_rss_bytes"] / 2**20, 1)
+            if metrics.get("peak_rss_bytes")
+            else None,
+            "precision": metrics.get("precision"),
         }
     return {}
 
@@ -612,6 +625,8 @@ def _summary(
             "train_s": _round(offline.get("train_s"), 1),
             "tokens_per_s": _round(offline.get("tokens_per_s"), 1),
             "eval_s": _round(offline.get("eval_s"), 1),
+            "train_peak_rss_mb": offline.get("peak_rss_mb"),
+            "train_precision": offline.get("precision"),
             "reason": task.reason,
         }
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
@@ -668,6 +683,7 @@ def final_table(summary: dict[str, Any]) -> Table:
         "student p50 ms",
         "train s",
         "tokens/s",
+        "train peak MB",
     )
     for column in columns:
         table.add_column(column, no_wrap=True)
@@ -689,6 +705,7 @@ def final_table(summary: dict[str, Any]) -> Table:
             _dash(row["student_p50_ms"]),
             _dash(row.get("train_s"), "{:.0f}"),
             _dash(row.get("tokens_per_s"), "{:.0f}"),
+            _dash(row.get("train_peak_rss_mb"), "{:.0f}"),
         )
     return table
 

@@ -32,6 +32,8 @@ FIELDS = {
     "cost_cut",
     "train_s",
     "tokens_per_s",
+    "train_peak_rss_mb",
+    "train_precision",
 }
 
 
@@ -74,6 +76,7 @@ def test_demo_takes_smollm2_through_the_whole_loop_to_serving(tmp_path: Path) ->
     assert row["student_share"] > 0.9 and row["live_agreement"] is not None, row
     assert row["cost_cut"] >= 0.9 and row["savings_usd"] > 0 and row["student_p50_ms"] is not None, row
     assert row["train_s"] > 0 and row["tokens_per_s"] > 0
+    assert 0 < row["train_peak_rss_mb"] < 8 * 1024 and row["train_precision"] in ("bf16", "fp32")
     assert summary["peak_rss_mb"]["largest_child"] > 0
     # stderr is a pipe here: progress comes as lines, and the closing table keeps a task per line.
     assert "distillgate demo" in done.stderr

@@ -20,6 +20,7 @@ def _row(stage: str, **values: object) -> dict[str, object]:
         "student_p50_ms": None,
         "train_s": None,
         "tokens_per_s": None,
+        "train_peak_rss_mb": None,
         "reason": None,
     }
     return row | values
@@ -43,6 +44,7 @@ def test_the_final_table_keeps_one_line_per_task_off_a_terminal(capsys: pytest.C
                 student_p50_ms=250.0,
                 train_s=171.0,
                 tokens_per_s=269.0,
+                train_peak_rss_mb=2650.0,
                 reason="last canary step 1: lower bound 0.917 ≥ 0.9 over 30 pairs",
             ),
             "extract-ade": _row(
@@ -61,7 +63,7 @@ def test_the_final_table_keeps_one_line_per_task_off_a_terminal(capsys: pytest.C
     assert len(served) == 1
     assert "classify-email: last canary step 1: lower bound 0.917 ≥ 0.9 over 30 pairs" in lines
     row = served[0]
-    for cell in ("0.000 → 0.975 → 1.000", "0.990", "100%", "98.2%", "250.0", "171", "269"):
+    for cell in ("0.000 → 0.975 → 1.000", "0.990", "100%", "98.2%", "250.0", "171", "269", "2650"):
         assert cell in row, (cell, row)
     untrained = next(line for line in lines if "extract-ade" in line and "collecting" in line)
     # No student answers yet: no live agreement, no cost cut, no offline numbers — not 1.0, not 0.
