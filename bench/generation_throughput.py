@@ -17,6 +17,7 @@ identical to transformers' one-at-a-time answer to the same prompt. The four row
 
     python bench/generation_throughput.py                  # SmolLM2-135M-Instruct (the package GGUF), 2 threads
     python bench/generation_throughput.py --model tiny     # a tiny random model, seconds (CI)
+    python bench/generation_throughput.py --dtype float32,bfloat16   # the two precisions side by side
 """
 
 from __future__ import annotations
@@ -116,13 +117,16 @@ class Transformers:
         return answers
 
 
-def measure(model: str, n: int, answer_tokens: int, threads: int, rounds: int = 3) -> dict[str, Any]:
+def measure(
+    model: str, n: int, answer_tokens: int, threads: int, rounds: int = 3, dtype: str = "auto"
+) -> dict[str, Any]:
     import statistics
 
     import torch
 
     torch.set_num_threads(threads)
-    with StudentModels(model, served_name="student") as models:
+    with StudentModels(model, served_name="student", dtype=dtype) as models:
+        weights = str(models.dtype).removeprefix("torch.")
         tokenizer = models.tokenizer
         chats = prompts(n)
         ids = [models.prompt_ids("student", c, None) for c in chats]
@@ -200,6 +204,7 @@ def measure(model: str, n: int, answer_tokens: int, threads: int, rounds: int = 
         "answer_tokens": answer_tokens,
         "threads": threads,
         "rounds": rounds,
+        "dtype": weights,
         "rows": rows,
     }
 
@@ -207,7 +212,8 @@ def measure(model: str, n: int, answer_tokens: int, threads: int, rounds: int = 
 def print_table(result: dict[str, Any]) -> None:
     print(
         f"\n{result['model']}: {result['prompts']} prompts, answers <= {result['answer_tokens']} tokens, "
-        f"{result['threads']} threads, greedy, median of {result['rounds']} interleaved rounds"
+        f"{result['threads']} threads, {result['dtype']} weights, greedy, median of {result['rounds']}"
+        " interleaved rounds"
     )
     head = f"{'mode':<8} {'engine':<13} {'answers':>7} {'tokens':>6} {'wall s':>7} {'tok/s':>7} {'s/answer':>8} {'same':>5} {'vs transformers':>15}"
     print(head)
@@ -218,6 +224,24 @@ def print_table(result: dict[str, Any]) -> None:
             f"{r['mode']:<8} {r['engine']:<13} {r['answers']:>7} {r['tokens']:>6} {r['wall_s']:>7.2f} "
             f"{r['tok_s']:>7.1f} {r['s_per_answer']:>8.3f} {r['same']:>5} {r['vs_transformers']:>14.2f}x{batch}"
         )
+
+
+def print_dtypes(results: list[dict[str, Any]]) -> None:
+    """Our decode loop's rows across precisions, each against the first one's."""
+    print("\nours by weight precision (ratio: tokens/s against the first)")
+    head = f"{'mode':<8} " + " ".join(
+        f"{r['dtype'] + ' tok/s':>16} {'ratio':>6} {'same':>5}" for r in results
+    )
+    print(head)
+    print("-" * len(head))
+    for mode in ("single", "batched"):
+        cells = []
+        first = None
+        for result in results:
+            row = next(r for r in result["rows"] if r["mode"] == mode and r["engine"] == "ours")
+            first = first or row["tok_s"]
+            cells.append(f"{row['tok_s']:>16.1f} {row['tok_s'] / first:>5.2f}x {row['same']:>5}")
+        print(f"{mode:<8} " + " ".join(cells))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -231,16 +255,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--answer-tokens", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; the median is shown")
-    parser.add_argument("--json", action="store_true", help="print the result as one JSON line last")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        help="weights' precision, or several comma-separated, run one after another and compared:"
+        " auto, float32, bfloat16 (default auto; e.g. float32,bfloat16)",
+    )
+    parser.add_argument("--json", action="store_true", help="print the results as one JSON line last")
     args = parser.parse_args(argv)
+    results = []
     with tempfile.TemporaryDirectory() as scratch:
         model = tiny_model(Path(scratch) / "tiny") if args.model == "tiny" else args.model
-        result = measure(model, args.prompts, args.answer_tokens, args.threads, args.rounds)
-        if args.model == "tiny":
-            result["model"] = "tiny (random init)"
-    print_table(result)
+        for dtype in args.dtype.split(","):
+            result = measure(model, args.prompts, args.answer_tokens, args.threads, args.rounds, dtype)
+            if args.model == "tiny":
+                result["model"] = "tiny (random init)"
+            print_table(result)
+            results.append(result)
+    if len(results) > 1:
+        print_dtypes(results)
     if args.json:
-        print(json.dumps(result))
+        print(json.dumps(results if len(results) > 1 else results[0]))
 
 
 if __name__ == "__main__":

@@ -258,6 +258,13 @@ def student_serve(
     prefix_caching: Annotated[
         bool, typer.Option(help="Reuse the KV cache of recent prompts' shared beginnings (not bitwise).")
     ] = True,
+    dtype: Annotated[
+        str,
+        typer.Option(
+            help="Weights' precision, as vLLM names it: auto (bf16 on a GPU and on a CPU with native"
+            " bf16 for models 512+ wide, else float32), float32, bfloat16, float16."
+        ),
+    ] = "auto",
 ) -> None:
     """Serve a base model and runtime-loaded adapters with vLLM's HTTP contract."""
     import uvicorn
@@ -275,6 +282,11 @@ def student_serve(
 
             torch.set_num_threads(decode_threads)
 
+    from trainer.generation import DTYPES
+
+    if dtype != "auto" and dtype not in DTYPES:
+        console.print(f"[red]--dtype expects auto or one of {', '.join(DTYPES)}, got {dtype!r}[/red]")
+        raise typer.Exit(2)
     adapters: dict[str, str] = {}
     for item in lora or []:
         name, sep, path = item.partition("=")
@@ -292,5 +304,6 @@ def student_serve(
         max_batch=max_batch,
         prefix_caching=prefix_caching,
         threads=decode_threads,
+        dtype=dtype,
     )
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)

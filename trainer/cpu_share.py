@@ -31,6 +31,22 @@ and client together used ~0.2-0.3 of a core at 6 requests/s; a student server de
 
 PROC_STAT = Path("/proc/stat")
 
+CPU_BF16_MIN_HIDDEN = 512
+"""Hidden width from which bf16 pays on a CPU with native bf16 matmuls: below it, casts cost more
+than the matmuls save (the tiny test models are 64 wide)."""
+
+
+def cpu_has_bf16() -> bool:
+    """Native bf16 matmuls on this CPU (AMX tiles or AVX512-BF16), as oneDNN uses them."""
+    import torch
+
+    cpu = getattr(torch, "cpu", None)
+    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        check = getattr(cpu, probe, None)
+        if check is not None and check():
+            return True
+    return False
+
 
 def machine_busy_s() -> float | None:
     """CPU seconds all processes have used since boot (``/proc/stat``; None off Linux)."""

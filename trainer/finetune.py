@@ -31,7 +31,7 @@ from trainer.collate import (
     pack,
     tokenize_example,
 )
-from trainer.cpu_share import CpuShare
+from trainer.cpu_share import CPU_BF16_MIN_HIDDEN, CpuShare, cpu_has_bf16
 from trainer.distributed import World, all_sum, data_parallel, from_main, no_sync, process_group
 from trainer.fast_path import FastPath, make_optimizer, prepare_model
 from trainer.kd import AlignStats, token_mapper
@@ -235,23 +235,6 @@ def pick_device(requested: str = "auto") -> str:
     if requested != "auto":
         return requested
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-CPU_BF16_MIN_HIDDEN = 512
-"""Hidden width from which bf16 pays on a CPU with native bf16 matmuls: below it, casts cost more
-than the matmuls save (the tiny test models are 64 wide)."""
-
-
-def cpu_has_bf16() -> bool:
-    """Native bf16 matmuls on this CPU (AMX tiles or AVX512-BF16), as oneDNN uses them."""
-    import torch
-
-    cpu = getattr(torch, "cpu", None)
-    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
-        check = getattr(cpu, probe, None)
-        if check is not None and check():
-            return True
-    return False
 
 
 def use_bf16(precision: str, device: str, hidden_size: int | None = None, method: str = "lora") -> bool:

@@ -476,11 +476,12 @@ def create_student_app(
     max_batch: int = 32,
     prefix_caching: bool = True,
     threads: int | Literal["auto"] | None = None,
+    dtype: str = "auto",
 ) -> Litestar:
     """The student server for ``base_model`` (hub id, local path, or already loaded ``StudentModels``).
 
     ``adapters`` (name → path) are loaded at once, like vLLM's ``--lora-modules``; ``api_key``
-    guards ``/v1`` routes like vLLM's ``--api-key``; ``threads`` as ``StudentModels`` takes it.
+    guards ``/v1`` routes like vLLM's ``--api-key``; ``threads`` and ``dtype`` as ``StudentModels`` takes them.
     """
     models = (
         base_model
@@ -494,6 +495,7 @@ def create_student_app(
             max_batch=max_batch,
             prefix_caching=prefix_caching,
             threads=threads,
+            dtype=dtype,
         )
     )
     for name, path in (adapters or {}).items():

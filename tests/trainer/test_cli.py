@@ -104,3 +104,9 @@ def test_student_serve_rejects_a_bad_threads_option(cli_app: typer.Typer, tiny_m
     for bad in ("0", "two", "-1"):
         code, output = run(cli_app, "student", "serve", "--base-model", str(tiny_model), "--threads", bad)
         assert code == 2, (bad, output)
+
+
+def test_student_serve_rejects_a_bad_dtype_option(cli_app: typer.Typer, tiny_model: Path) -> None:
+    for bad in ("fp8", "bf16 ", "FLOAT"):
+        code, output = run(cli_app, "student", "serve", "--base-model", str(tiny_model), "--dtype", bad)
+        assert code == 2, (bad, output)

@@ -4,6 +4,7 @@ cancelled, failing and unloaded requests leave without touching the others."""
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Iterator
@@ -18,7 +19,15 @@ import torch
 
 from tests.servers import serve
 from tests.trainer.conftest import INTENT_SYSTEM
-from trainer.generation import ChatResult, SamplingParams, StudentModels, UnknownModel, eos_ids
+from trainer.cpu_share import CPU_BF16_MIN_HIDDEN, cpu_has_bf16
+from trainer.generation import (
+    ChatResult,
+    SamplingParams,
+    StudentModels,
+    UnknownModel,
+    decode_dtype,
+    eos_ids,
+)
 from trainer.student_server import create_student_app
 
 EMAILS = [
@@ -300,10 +309,12 @@ def test_a_client_that_disconnects_mid_stream_is_cancelled(models: StudentModels
 def test_smollm2_served_as_a_teacher_gives_genuine_top_logprobs(smollm2: str) -> None:
     """The real teacher of the soft-label tests: SmolLM2-135M-Instruct behind the student server.
     Its top-k logprobs are the model's own distribution (one teacher-forced forward agrees), the
-    stream carries the same entries, and the entries' bytes spell the answer."""
+    stream carries the same entries, and the entries' bytes spell the answer. Served in float32:
+    in bf16 (``auto`` on a CPU with native bf16) the prefix-cached and the full forward round
+    differently, up to 0.05 nats apart."""
     question: Any = [{"role": "user", "content": "What is the capital of France?"}]
     with (
-        StudentModels(smollm2, served_name="smollm2") as teacher,
+        StudentModels(smollm2, served_name="smollm2", dtype="float32") as teacher,
         serve(create_student_app(teacher)) as running,
     ):
         client = openai.OpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0)
@@ -363,3 +374,37 @@ def test_concurrent_http_requests_are_decoded_together(models: StudentModels, se
     for email in EMAILS[:4]:
         alone = models.chat("tiny-base", chat(email), None, SamplingParams(temperature=0.0, max_tokens=12))
         assert answers[email] == alone.choices[0].text
+
+
+def test_decode_dtype_auto_follows_the_device_and_the_width() -> None:
+    assert decode_dtype("auto", "cuda:0", 64) == torch.bfloat16
+    assert decode_dtype("auto", "cpu", 64) == torch.float32  # narrow: casts cost more than they save
+    wide = torch.bfloat16 if cpu_has_bf16() else torch.float32
+    assert decode_dtype("auto", "cpu", CPU_BF16_MIN_HIDDEN) == wide
+    assert decode_dtype("float", "cpu", 4096) == torch.float32
+    assert decode_dtype("half", "cuda", 64) == torch.float16
+    assert decode_dtype("bfloat16", "cpu", 64) == torch.bfloat16
+    with pytest.raises(ValueError, match="dtype must be auto or one of"):
+        decode_dtype("fp8", "cpu", 64)
+
+
+def test_bf16_weights_answer_with_fp32_adapters_and_fp32_logprobs(
+    varied_model: Path, intent_lora: Path
+) -> None:
+    """Forced bf16 on a CPU: the base's weights are bf16, the adapter's stay fp32 (peft casts
+    their input), the adapter changes the answer, and logprobs (scored in fp32) form a
+    distribution. (This loud random model's answers are not compared with fp32's: its
+    near-tied logits flip under bf16 rounding.)"""
+    with StudentModels(str(varied_model), served_name="tiny-base", dtype="bfloat16") as bf16:
+        bf16.load("intent@v1", str(intent_lora))
+        assert bf16.dtype == torch.bfloat16
+        weights = dict(bf16._peft.named_parameters())
+        assert {p.dtype for n, p in weights.items() if "lora_" not in n} == {torch.bfloat16}
+        assert {p.dtype for n, p in weights.items() if "lora_" in n} == {torch.float32}
+        base = bf16.chat("tiny-base", chat(EMAILS[0]), None, GREEDY).choices[0]
+        tuned = bf16.chat("intent@v1", chat(EMAILS[0]), None, GREEDY).choices[0]
+    assert base.completion_tokens > 0 and tuned.completion_tokens > 0
+    assert tuned.text != base.text
+    for entry in tuned.logprobs or []:
+        total = sum(math.exp(e["logprob"]) for e in entry["top_logprobs"])
+        assert entry["logprob"] <= 0.0 and total <= 1.0 + 1e-5
