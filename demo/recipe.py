@@ -38,7 +38,12 @@ class DemoRecipe:
     vs 202 tokens/s), so two at once do 1.36x the work of one on both cores."""
     round_size: int = 150
     """Requests per traffic round; each round uses new prompts."""
-    concurrency: int = 4
+    concurrency: int = 8
+    """Requests in flight. A canary's answers come from the student server, so the client waits on
+    it: at 4 in flight a 100% canary of JSON answers earned ~0.25 pairs/s (crud-api: 150 s for
+    its gate), the student server batching at most 4 rows for three tasks; at 8 its batches
+    double for little more time per step (SmolLM2 in bf16, ``bench/generation_throughput.py``:
+    12.7 tokens/s one at a time, 35 at a mean batch of 5)."""
     requests_per_s: float = 6.0
     """Traffic is paced: the gateway, teacher, client, student server and training share two cores.
     At 15/s (5 per family) a 50% canary of JSON answers outran a one-thread student server
@@ -46,10 +51,6 @@ class DemoRecipe:
     and five timeouts in a row rolled the task back); 150 records per family still take ~75 s."""
     measure_requests: int = 300
     """Requests in the final measured round (student share, live agreement, p50s)."""
-    measure_concurrency: int = 8
-    """Requests in flight in the measured round: every task serves and nothing trains by then, so
-    the student server has both cores and decodes what is in flight as one batch (SmolLM2 in bf16,
-    ``bench/generation_throughput.py``: 12.7 tokens/s one at a time, 35 at a mean batch of 5)."""
     families: tuple[str, ...] = workload.TASK_NAMES
     """The reference task families whose traffic the demo replays."""
 

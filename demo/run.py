@@ -461,7 +461,7 @@ def run_demo(
                     families=families,
                     n=recipe.measure_requests,
                     seed=10_000,
-                    concurrency=recipe.measure_concurrency,
+                    concurrency=recipe.concurrency,
                     model=teacher_model,
                 )
             )

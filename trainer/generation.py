@@ -1,11 +1,12 @@
 """Answering chats with a local base model and the adapters loaded on it (transformers + peft).
 
 One ``StudentModels`` holds the base model, any number of LoRA adapters on it (one peft
-model, switched per batch), and full fine-tuned models loaded as if they were adapters. Every
-answer is decoded by one continuous-batching loop on its own thread: requests join the running
-batch of their model between decode steps and leave it when they finish, so concurrent shadow
-traffic and a whole held-out set are decoded together, one forward per model per step, with the
-KV cache. The embedded student server and the offline evaluation both use it, so a student is
+model), and full fine-tuned models loaded as if they were adapters. Every answer is decoded by
+one continuous-batching loop on its own thread: requests join the running batch of their model
+between decode steps and leave it when they finish, so concurrent shadow traffic and a whole
+held-out set are decoded together, with the KV cache. The base model and all its adapters share
+one batch, as in vLLM's multi-LoRA batching: one forward of the base weights per step, each row
+through its own adapter (peft's ``adapter_names``); a full model steps on its own. The embedded student server and the offline evaluation both use it, so a student is
 scored exactly the way it is served.
 
 Why a thread of its own: torch ops issued from an asyncio event loop's thread ran ~4x slower
@@ -160,6 +161,10 @@ def decode_dtype(dtype: str, device: str, hidden_size: int | None) -> Any:
         return torch.bfloat16
     wide = (hidden_size or 0) >= CPU_BF16_MIN_HIDDEN
     return torch.bfloat16 if wide and cpu_has_bf16() else torch.float32
+
+
+BASE_GROUP = "\x00base"
+"""The decode batch of the base model and its LoRA adapters (no served name holds a NUL)."""
 
 
 class StudentModels:
@@ -363,6 +368,23 @@ class StudentModels:
             request.cancelled.set()
             self.loop.wake()
 
+    def group(self, name: str) -> str:
+        """The batch ``name``'s sequences decode in: the base model and its LoRA adapters share
+        one (``BASE_GROUP``: one forward of the base weights per step for all of them, each row
+        through its own adapter, like vLLM's multi-LoRA batches); a full model has its own."""
+        entry = self.adapters.get(name)
+        return name if entry is not None and entry.kind == "full" else BASE_GROUP
+
+    def select_rows(self, group: str, names: list[str]) -> tuple[Any, dict[str, Any]]:
+        """The model object for one decode step of ``group`` whose rows answer as ``names``, and
+        the extra forward arguments: peft's ``adapter_names`` (one per row, ``__base__`` for the
+        base model) when the rows mix models. Call with ``lock`` held, ``restore`` after."""
+        first = names[0]
+        if group != BASE_GROUP or self._peft is None or all(n == first for n in names):
+            return self.select(first)[0], {}
+        self._peft.base_model.enable_adapter_layers()
+        return self._peft, {"adapter_names": [n if n in self.adapters else "__base__" for n in names]}
+
     def select(self, name: str) -> tuple[Any, Any]:
         """The model object and tokenizer that answer as ``name``, with peft switched to it.
         Call with ``lock`` held."""
@@ -493,10 +515,11 @@ class _Sequence:
 
 
 class _Batch:
-    """The running sequences of one model, their KV cache rows left-padded to one length."""
+    """The running sequences of one group of models (``StudentModels.group``: a base model with
+    its adapters, or one full model), their KV cache rows left-padded to one length."""
 
-    def __init__(self, name: str, batchable: bool) -> None:
-        self.name = name
+    def __init__(self, group: str, batchable: bool) -> None:
+        self.group = group
         self.batchable = batchable
         self.seqs: list[_Sequence] = []
         self.cache: Any = None
@@ -645,10 +668,12 @@ class DecodeLoop:
         """Fail every request decoding or waiting on ``name``, and forget its cached prompts.
         Call with the models' lock held."""
         self._prefixes.forget(name)
-        for batch in [b for b in self._batches if b.name == name]:
+        for batch in self._batches:
             for seq in batch.seqs:
-                self._fail(seq.request, exc)
-            self._batches.remove(batch)
+                if seq.request.name == name:
+                    self._fail(seq.request, exc)
+            batch.compact()  # its rows leave now: the next step must not name the adapter
+        self._batches = [b for b in self._batches if b.seqs]
         with self._wake:
             waiting = [r for r in self._waiting if r.name == name]
             self._waiting = [r for r in self._waiting if r.name != name]
@@ -755,9 +780,10 @@ class DecodeLoop:
             cache.batch_select_indices(torch.tensor(alive, device=self.models.device))
             seqs = [seqs[i] for i in alive]
         batchable = all(type(layer).__name__ == "DynamicLayer" for layer in getattr(cache, "layers", []))
-        batch = next((b for b in self._batches if b.name == request.name and b.batchable and batchable), None)
+        group = self.models.group(request.name)
+        batch = next((b for b in self._batches if b.group == group and b.batchable and batchable), None)
         if batch is None:
-            batch = _Batch(request.name, batchable and hasattr(cache, "layers"))
+            batch = _Batch(group, batchable and hasattr(cache, "layers"))
             self._batches.append(batch)
         batch.join(seqs, cache, len(request.prompt))
 
@@ -789,7 +815,7 @@ class DecodeLoop:
         rows = len(batch.seqs)
         device = batch.mask.device
         try:
-            model, _ = self.models.select(batch.name)
+            model, extra = self.models.select_rows(batch.group, [s.request.name for s in batch.seqs])
             try:
                 ids = torch.tensor([[s.tokens[-1]] for s in batch.seqs], device=device)
                 positions = torch.tensor([[s.position] for s in batch.seqs], device=device)
@@ -802,6 +828,7 @@ class DecodeLoop:
                     position_ids=positions,
                     cache=batch.cache,
                     use_cache=True,
+                    **extra,
                 )
             finally:
                 self.models.restore()

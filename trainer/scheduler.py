@@ -307,6 +307,11 @@ class Scheduler:
                     log.error("training %s failed outside its run", key, exc_info=future.exception())
         return events
 
+    @property
+    def running(self) -> set[str]:
+        """Keys of the tasks whose background training (``parallel`` > 1) has not been reported."""
+        return set(self._running)
+
     def wait(self, timeout_s: float | None = None) -> list[SchedulerEvent]:
         """Wait for the background trainings started so far (``parallel`` > 1); their events."""
         concurrent.futures.wait(list(self._running.values()), timeout=timeout_s)

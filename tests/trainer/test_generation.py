@@ -137,7 +137,11 @@ def test_concurrent_requests_share_decode_steps_and_match_unbatched_greedy(model
 
 def test_base_and_adapter_requests_in_one_loop_each_answer_as_alone(models: StudentModels) -> None:
     jobs = [(name, e) for e in EMAILS[:4] for name in ("tiny-base", "intent@v1")]
+    models.stats.max_batch = 0
     results = submit_together(models, jobs, GREEDY)
+    # One batch for the base and its adapter (peft's adapter_names per row): a step held rows of
+    # both, more than the four of either.
+    assert models.stats.max_batch > 4
     for (name, email), result in zip(jobs, results, strict=True):
         check_against_reference(models, name, email, result)
     alone = {name: reference(models, name, EMAILS[0], 12) for name in ("tiny-base", "intent@v1")}
@@ -208,11 +212,18 @@ def test_unloading_an_adapter_ends_its_answers_with_unknown_model(
         started.set()
         return True
 
-    doomed: Future[ChatResult] = models.submit("doomed@v1", chat(EMAILS[1]), None, long, on_text=note)
+    # A neighbour on the same base decodes in the same batch as the doomed adapter's rows.
+    neighbour_params = SamplingParams(temperature=0.0, max_tokens=40)
+    with models.lock:
+        doomed: Future[ChatResult] = models.submit("doomed@v1", chat(EMAILS[1]), None, long, on_text=note)
+        neighbour = models.submit("intent@v1", chat(EMAILS[4]), None, neighbour_params)
     assert started.wait(60)
     models.unload("doomed@v1")
     with pytest.raises(UnknownModel, match="unloaded while answering"):
         doomed.result(timeout=60)
+    (answer,) = neighbour.result(timeout=60).choices
+    expected = reference(models, "intent@v1", EMAILS[4], 40)
+    assert answer.text == models.tokenizer.decode([t for t, _ in expected], skip_special_tokens=False)
     check_against_reference(
         models, "intent@v1", EMAILS[0], models.chat("intent@v1", chat(EMAILS[0]), None, GREEDY)
     )

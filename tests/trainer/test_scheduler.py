@@ -3,6 +3,8 @@ or back to collecting with the reason; one trainer per task across workers (a le
 
 from __future__ import annotations
 
+import asyncio
+
 import random
 from datetime import timedelta
 from pathlib import Path
@@ -289,11 +291,11 @@ def test_parallel_trainings_run_at_once_and_report_from_a_later_pass(
     scheduler.on_task.append(lambda task: moves.append((task.key, task.stage)))
     try:
         assert scheduler.tick() == []  # both started, neither waited for
-        assert set(scheduler._running) == set(keys)
+        assert scheduler.running == set(keys)
         assert scheduler.tick() == []  # running tasks are not started again
         events = scheduler.wait(600)
     finally:
-        scheduler._pool.shutdown(wait=True)  # type: ignore[union-attr]
+        asyncio.run(scheduler.stop())
     assert sorted(e.task for e in events) == sorted(keys)
     assert all(e.outcome == "shadow" for e in events), [e.reason for e in events]
     # Both were training before either was judged: the runs overlapped.
