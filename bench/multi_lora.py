@@ -46,7 +46,7 @@ def make_adapters(base: str, n: int, where: Path) -> list[str]:
             for name, weight in model.named_parameters():
                 if "lora_B" in name:
                     weight.normal_(0.0, 0.01, generator=generator)
-        model.save_pretrained(where / f"a{i}")
+        model.save_pretrained(str(where / f"a{i}"))
         names.append(f"a{i}")
     return names
 

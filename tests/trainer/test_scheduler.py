@@ -4,7 +4,6 @@ or back to collecting with the reason; one trainer per task across workers (a le
 from __future__ import annotations
 
 import asyncio
-
 import random
 from datetime import timedelta
 from pathlib import Path
