@@ -109,6 +109,10 @@ def test_a_gateway_on_a_gguf_base_trains_publishes_and_serves_a_lora_student(
             )
             target = raw.headers.get("x-distillgate-target", "")
             served.append((target, raw.parse().choices[0].message.content or "", label))
+            if target == "teacher":
+                # Each answer's shadow pair before the next request: the teacher answers in
+                # milliseconds, the student in a second, and pairs past max_concurrency are dropped.
+                wait_until(lambda: gw.shadow.in_flight(TASK) == 0, 60)
             if target == f"student:{adapter}" and len([s for s in served if s[0] != "teacher"]) >= 3:
                 break
     finally:
