@@ -6,8 +6,9 @@ one continuous-batching loop on its own thread: requests join the running batch 
 between decode steps and leave it when they finish, so concurrent shadow traffic and a whole
 held-out set are decoded together, with the KV cache. The base model and all its adapters share
 one batch, as in vLLM's multi-LoRA batching: one forward of the base weights per step, each row
-through its own adapter (peft's ``adapter_names``); a full model steps on its own. The embedded student server and the offline evaluation both use it, so a student is
-scored exactly the way it is served.
+through its own adapter (peft's ``adapter_names``); a full model steps on its own. The embedded
+student server and the offline evaluation both use it, so a student is scored exactly the way
+it is served.
 
 Why a thread of its own: torch ops issued from an asyncio event loop's thread ran ~4x slower
 than the same ops on a dedicated thread on a loaded 2-core machine (measured), and one owner of
