@@ -31,6 +31,11 @@ and client together used ~0.2-0.3 of a core at 6 requests/s; a student server de
 
 PROC_STAT = Path("/proc/stat")
 
+MIN_WINDOW_S = 0.2
+"""The shortest window ``CpuShare`` judges the machine's load over: ``/proc/stat`` counts in 10 ms
+ticks, so a few-millisecond window reads a busy core as idle or as two (a test on the tiny model,
+whose steps take milliseconds, saw 1, 2, 1, 2 threads under one steady busy core)."""
+
 CPU_BF16_MIN_HIDDEN = 512
 """Hidden width from which bf16 pays on a CPU with native bf16 matmuls: below it, casts cost more
 than the matmuls save (the tiny test models are 64 wide)."""
@@ -72,14 +77,22 @@ def own_cpu_s() -> float:
 class CpuShare:
     """Picks the thread count for the next optimizer step from the cores others used in the last."""
 
-    def __init__(self, cores: int | None = None, *, min_interval_s: float = 0.0) -> None:
+    def __init__(
+        self, cores: int | None = None, *, min_interval_s: float = MIN_WINDOW_S, probe_s: float = 0.0
+    ) -> None:
+        """``probe_s``: watch the machine this long before the first step, so that the first
+        step already runs on the cores left (a training; 0: start on all of them)."""
         self.cores = max(1, cores or len(os.sched_getaffinity(0)))
         self.min_interval_s = min_interval_s
-        """``pick`` keeps the count until this long since its last look (a decode step is ~50 ms:
-        too short to tell another process's load from noise)."""
+        """``pick`` keeps the count until this long since its last look (a decode step is ~50 ms,
+        a tiny model's optimizer step a few: too short to tell another process's load from
+        noise, as ``/proc/stat`` counts in 10 ms ticks)."""
         self.threads = self.cores
         self.changes = 0
         self._last = self._sample()
+        if probe_s > 0 and self.available:
+            time.sleep(probe_s)
+            self._decide()
 
     @staticmethod
     def _sample() -> tuple[float, float | None, float]:
@@ -103,6 +116,9 @@ class CpuShare:
         """The threads for the next step (and sets torch's count to it when it changes)."""
         if self.min_interval_s and time.monotonic() - self._last[0] < self.min_interval_s:
             return self.threads
+        return self._decide()
+
+    def _decide(self) -> int:
         others = self.others_cores()
         if others is None:
             return self.threads

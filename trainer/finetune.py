@@ -31,7 +31,7 @@ from trainer.collate import (
     pack,
     tokenize_example,
 )
-from trainer.cpu_share import CPU_BF16_MIN_HIDDEN, CpuShare, cpu_has_bf16
+from trainer.cpu_share import CPU_BF16_MIN_HIDDEN, MIN_WINDOW_S, CpuShare, cpu_has_bf16
 from trainer.distributed import World, all_sum, data_parallel, from_main, no_sync, process_group
 from trainer.fast_path import FastPath, make_optimizer, prepare_model
 from trainer.kd import AlignStats, token_mapper
@@ -296,7 +296,7 @@ def _cpu_threads(threads: int | Literal["auto"] | None) -> Generator[CpuShare | 
     import torch
 
     before = torch.get_num_threads()
-    share = CpuShare() if threads == "auto" else None
+    share = CpuShare(probe_s=MIN_WINDOW_S) if threads == "auto" else None
     torch.set_num_threads(share.threads if share is not None else int(threads))
     try:
         yield share

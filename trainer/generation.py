@@ -207,8 +207,12 @@ class StudentModels:
         self.max_model_len = max_model_len or int(getattr(self._base.config, "max_position_embeddings", 2048))
         share = None
         if not self.device.startswith("cuda") and threads is not None:
-            share = CpuShare(min_interval_s=1.0) if threads == "auto" else CpuShare(cores=int(threads))
-            share.min_interval_s = share.min_interval_s or float("inf")  # a fixed count never moves
+            # A fixed count never moves: its share never looks again.
+            share = (
+                CpuShare(min_interval_s=1.0)
+                if threads == "auto"
+                else CpuShare(cores=int(threads), min_interval_s=float("inf"))
+            )
         self.loop = DecodeLoop(self, max_batch=max_batch, prefix_caching=prefix_caching, cpu_share=share)
 
     @property
